@@ -1,0 +1,389 @@
+"""The ``Attributor``: fit curvature once, then score queries against training data.
+
+Data path (one look)::
+
+    data --iter_batches--> batch --task.loss / measurement--> Capture --(a, g, mask)-->
+        CovarianceAccumulator -> eigh -> LambdaAccumulator      (fit)
+        per-example query grads -> curvature.solve -> QueryGradients  (scores, query side)
+        ScoreAccumulator / SelfInfluenceAccumulator             (scores, training side)
+
+Example::
+
+    an = hw.Attributor(model, task=hw.LanguageModelingTask(), modules="mlp", workdir="runs/a")
+    an.fit(train, batch_size=8)
+    res = an.scores(queries, train, batch_size=8, query_rank=32)
+    res.top(5)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .capture import Capture, LayerCapture
+from .curvature import (
+    CovarianceAccumulator,
+    DiagonalAccumulator,
+    DiagonalCurvature,
+    EigenCurvature,
+    IdentityCurvature,
+    LambdaAccumulator,
+    LayerCurvature,
+    per_example_grads,
+)
+from .data import check_batch_size, check_data, fingerprint, iter_batches
+from .layers import select_layers
+from .scoring import QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
+from .storage import SCHEMA_VERSION, load_json, load_tensors, model_fingerprint, save_json, save_tensors
+from .task import LanguageModelingTask, Task
+
+__all__ = ["Attributor", "NotFittedError", "STRATEGIES", "FISHERS"]
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FISHERS = ("sampled", "empirical", "exact")
+
+
+class NotFittedError(RuntimeError):
+    """Scores were requested before the curvature was fitted."""
+
+
+def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
+class Attributor:
+    """Influence functions with an EK-FAC (or K-FAC, diagonal, identity) Gauss-Newton.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A HF causal LM or any PyTorch model; only its ``nn.Linear`` and HF ``Conv1D``
+        layers are tracked. It is put in eval mode during each pass and restored after.
+    task : Task
+        Defines loss, query measurement and scored tokens. Defaults to
+        ``LanguageModelingTask()``.
+    strategy : {"identity", "diagonal", "kfac", "ekfac"}
+    modules : None, "mlp" or list of str
+        Which layers to track: every supported layer, the MLP projections, or by name.
+    fisher : {"sampled", "empirical", "exact"}
+        Pseudo-labels drawn from the model (the paper's choice), the data's own labels, or the
+        exact expectation over labels (tasks with few outputs).
+    workdir : path or None
+        Where factors persist; None keeps them in memory.
+    seed : int
+        Seeds the pseudo-label draws; each batch gets its own derived seed.
+    progress : bool
+        Show progress bars with rate and ETA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task | None = None,
+        strategy: str = "ekfac",
+        modules: None | str | list[str] = None,
+        fisher: str = "sampled",
+        workdir: str | Path | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        task = LanguageModelingTask() if task is None else task
+        if not isinstance(task, Task):
+            raise TypeError(
+                f"task must be a headwater Task (e.g. hw.LanguageModelingTask()), got {type(task).__name__}"
+            )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is unknown; choose one of {STRATEGIES}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher={fisher!r} is unknown; choose one of {FISHERS}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.model = model
+        self.task = task
+        self.strategy = strategy
+        self.fisher = fisher
+        self.seed = seed
+        self.progress = progress
+        self.layers = select_layers(model, modules)
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.curvature: dict[str, LayerCurvature] | None = None
+        self.fit_fingerprint: str | None = None
+        self._config = {
+            "schema": SCHEMA_VERSION,
+            "headwater": __version__,
+            "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+            "task": type(task).__name__,
+            "strategy": strategy,
+            "fisher": fisher,
+            "seed": seed,
+            "modules": {n: [ad.kind, ad.out_features, ad.in_features] for n, ad in self.layers.items()},
+        }
+        if strategy == "identity":
+            self.curvature = {n: IdentityCurvature((ad.out_features, ad.in_features)) for n, ad in self.layers.items()}
+        if self.workdir is not None:
+            self._open_workdir()
+
+    # ------------------------------------------------------------------ workdir
+    def _open_workdir(self) -> None:
+        cfg_path = self.workdir / "config.json"
+        if not cfg_path.exists():
+            save_json(cfg_path, self._config)
+            return
+        saved = load_json(cfg_path)
+        for key in ("model", "task", "strategy", "fisher", "seed", "modules"):
+            if saved.get(key) != self._config[key]:
+                if key == "model":
+                    diff = "another model (its weights or architecture differ from this one's)"
+                elif key == "modules":
+                    diff = f"another module set ({len(saved.get(key) or {})} layers: {_short(saved.get(key))})"
+                else:
+                    diff = f"{key}={saved.get(key)!r} (this Attributor has {key}={self._config[key]!r})"
+                raise ValueError(
+                    f"workdir {self.workdir} was made for {diff}; use a new workdir or delete this one"
+                )
+        factors = self.workdir / "factors.safetensors"
+        if factors.exists():
+            tensors, meta = load_tensors(factors)
+            self.curvature = _curvature_from_tensors(self.strategy, self.layers, tensors)
+            self.fit_fingerprint = meta.get("fit_data")
+
+    # ------------------------------------------------------------------ the data loop
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    def _stream(
+        self,
+        data: Any,
+        batch_size: int,
+        name: str,
+        losses: Callable[[Any], list[torch.Tensor]],
+        consume: Callable[[LayerCapture, int, bool], None],
+        phase: str,
+    ) -> None:
+        """One pass over ``data``: for each batch, each pseudo-loss, each tracked layer, consume."""
+        device = self.device
+        nb = (len(data) + batch_size - 1) // batch_size
+        batches = _progress(iter_batches(data, self.task, batch_size, name), self.progress, phase, nb)
+        with self._eval_mode(), Capture(self.model, self.layers) as cap:
+            for lo, batch in batches:
+                batch = self.task.to_device(batch, device)
+                mask = self.task.token_mask(batch)
+                if mask is not None:
+                    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+                    if empty:
+                        raise ValueError(
+                            f"{name} example {lo + empty[0]} has no scored tokens (every label is "
+                            "-100 or it is a single token); remove it or unmask its completion"
+                        )
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(_derive_seed(self.seed, phase, lo))
+                    try:
+                        ls = losses(batch)
+                    except Exception:
+                        cap.clear()
+                        raise
+                for k, loss in enumerate(ls):
+                    for c in cap.backward(loss, mask, retain_graph=k < len(ls) - 1):
+                        with torch.autocast(device.type, enabled=False):
+                            consume(c, lo, k == 0)
+
+    def _fit_losses(self, batch: Any) -> list[torch.Tensor]:
+        if self.fisher == "exact":
+            return list(self.task.gauss_newton_losses(self.model, batch))
+        return [self.task.loss(self.model, batch, sample=self.fisher == "sampled")]
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data: Any, batch_size: int = 8, overwrite: bool = False) -> Attributor:
+        """Estimate the curvature: covariances -> eigendecomposition -> eigenvalue correction.
+
+        With a workdir, finished stages are saved and reused: a second ``fit`` on the same
+        data loads the factors, and a crash after the covariance pass resumes from it.
+        """
+        data = check_data(data, "training data")
+        batch_size = check_batch_size(batch_size)
+        if self.strategy == "identity":
+            return self
+        fp = fingerprint(data)
+        if self.curvature is not None and not overwrite:
+            if self.fit_fingerprint == fp:
+                return self
+            raise ValueError(
+                f"workdir {self.workdir} already holds factors fitted on other data "
+                f"(fingerprint {self.fit_fingerprint}, this data {fp}); pass overwrite=True "
+                "to refit, or use a new workdir"
+            )
+        fit = lambda acc, phase: self._stream(  # noqa: E731
+            data, batch_size, "training data", self._fit_losses, lambda c, lo, first: acc.update(c, first), phase
+        )
+        if self.strategy == "diagonal":
+            acc = DiagonalAccumulator()
+            fit(acc, "diagonal")
+            curvature = {n: acc.diagonal(n) for n in self.layers}
+        else:
+            cov = self._load_stage("covariance", fp, overwrite)
+            if cov is None:
+                cov = CovarianceAccumulator()
+                fit(cov, "covariance")
+                self._save_stage("covariance", cov.state(), fp)
+            else:
+                cov = CovarianceAccumulator.from_state(cov)
+            names = _progress(list(self.layers), self.progress, "eigendecomposition", len(self.layers))
+            curvature = {n: cov.kfac(n) for n in names}
+            if self.strategy == "ekfac":
+                lam = LambdaAccumulator(curvature)
+                fit(lam, "eigenvalue correction")
+                curvature = {n: lam.ekfac(n) for n in self.layers}
+        self.curvature = curvature
+        self.fit_fingerprint = fp
+        if self.workdir is not None:
+            tensors = {f"{n}::{k}": v for n, op in curvature.items() for k, v in op.tensors().items()}
+            save_tensors(self.workdir / "factors.safetensors", tensors, {"fit_data": fp, **self._config})
+        return self
+
+    def _load_stage(self, stage: str, fp: str, overwrite: bool) -> dict[str, torch.Tensor] | None:
+        if self.workdir is None or overwrite:
+            return None
+        path = self.workdir / f"{stage}.safetensors"
+        if not path.exists():
+            return None
+        tensors, meta = load_tensors(path)
+        return tensors if meta.get("fit_data") == fp else None
+
+    def _save_stage(self, stage: str, tensors: dict[str, torch.Tensor], fp: str) -> None:
+        if self.workdir is not None:
+            save_tensors(self.workdir / f"{stage}.safetensors", tensors, {"fit_data": fp})
+
+    # ------------------------------------------------------------------ scores
+    def _require_fitted(self) -> dict[str, LayerCurvature]:
+        if self.curvature is None:
+            raise NotFittedError(
+                f"this Attributor (strategy={self.strategy!r}) is not fitted yet; call "
+                "an.fit(train) first, or open a workdir that holds factors"
+            )
+        return self.curvature
+
+    def damping(self, damping: float | None = None) -> dict[str, float]:
+        """Per-layer damping: the paper's 0.1 x mean eigenvalue, or an absolute value."""
+        curvature = self._require_fitted()
+        if damping is None:
+            return {n: op.default_damping() for n, op in curvature.items()}
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+            raise ValueError(f"damping must be None or a non-negative number, got {damping!r}")
+        return {n: float(damping) for n in curvature}
+
+    def query_gradients(
+        self, queries: Any, batch_size: int = 8, damping: float | None = None, query_rank: int | None = None
+    ) -> dict[str, QueryGradients]:
+        """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer, optionally low-rank.
+
+        Queries are processed batch by batch and truncated as they come, so memory holds
+        only the (low-rank) result.
+        """
+        queries = check_data(queries, "queries")
+        batch_size = check_batch_size(batch_size)
+        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
+            raise ValueError(f"query_rank must be None or a positive integer, got {query_rank!r}")
+        curvature = self._require_fitted()
+        lam = self.damping(damping)
+        parts: dict[str, list[QueryGradients]] = {n: [] for n in self.layers}
+
+        def consume(c: LayerCapture, lo: int, first: bool) -> None:
+            p = curvature[c.name].solve(per_example_grads(c.a, c.g), lam[c.name])
+            parts[c.name].append(QueryGradients.build(p, query_rank))
+
+        self._stream(
+            queries, batch_size, "queries", lambda b: [self.task.measurement(self.model, b)], consume, "query gradients"
+        )
+        return {n: QueryGradients.concat(ps) for n, ps in parts.items()}
+
+    def scores(
+        self,
+        queries: Any,
+        train: Any,
+        batch_size: int = 8,
+        damping: float | None = None,
+        query_rank: int | None = None,
+        per_layer: bool = False,
+        per_token: bool = False,
+    ) -> Scores:
+        """Influence of every training example on every query: ``Scores.values`` [Q, N].
+
+        One pass over ``train`` serves all queries. Positive means upweighting the training
+        example lowers the query's measurement (for a LM: raises the completion's log-prob).
+        """
+        train = check_data(train, "training data")
+        batch_size = check_batch_size(batch_size)
+        q = self.query_gradients(queries, batch_size, damping, query_rank)
+        acc = ScoreAccumulator(q, len(train), per_layer, per_token)
+        self._stream(
+            train,
+            batch_size,
+            "training data",
+            lambda b: [self.task.loss(self.model, b, sample=False)],
+            lambda c, lo, first: acc.update(c, lo),
+            "scoring",
+        )
+        meta = {"strategy": self.strategy, "damping": self.damping(damping), "query_rank": query_rank}
+        return acc.result(meta)
+
+    def self_influence(self, train: Any, batch_size: int = 8, damping: float | None = None) -> torch.Tensor:
+        """grad L_m^T (G + lambda I)^-1 grad L_m for every training example, [N]."""
+        train = check_data(train, "training data")
+        batch_size = check_batch_size(batch_size)
+        acc = SelfInfluenceAccumulator(self._require_fitted(), self.damping(damping), len(train))
+        self._stream(
+            train,
+            batch_size,
+            "training data",
+            lambda b: [self.task.loss(self.model, b, sample=False)],
+            lambda c, lo, first: acc.update(c, lo),
+            "self-influence",
+        )
+        return acc.values
+
+
+def _short(names: Any) -> str:
+    keys = list(names or {})
+    return ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+
+
+def _derive_seed(seed: int, phase: str, start: int) -> int:
+    h = hashlib.sha256(f"{seed}:{phase}:{start}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _curvature_from_tensors(strategy: str, layers: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LayerCurvature]:
+    out: dict[str, LayerCurvature] = {}
+    for name in layers:
+        try:
+            if strategy == "diagonal":
+                out[name] = DiagonalCurvature(tensors[f"{name}::diag"])
+            else:
+                out[name] = EigenCurvature(tensors[f"{name}::q_a"], tensors[f"{name}::q_s"], tensors[f"{name}::lam"])
+        except KeyError as e:
+            raise ValueError(f"the saved factors have no entry {e} for layer {name!r}; the workdir is damaged, refit") from e
+    return out

@@ -1,0 +1,84 @@
+"""Datasets in, batches out: a list, a torch ``Dataset`` or a HF ``datasets.Dataset``.
+
+All three support ``len`` and integer indexing, which is all headwater needs: examples are
+read in dataset order, so score column j is always training example j.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .task import Task
+
+__all__ = ["check_data", "iter_batches", "fingerprint"]
+
+
+def check_data(data: Any, name: str) -> Any:
+    """Validate that ``data`` is an indexable, sized, non-empty collection."""
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"{name} must be a list, a torch Dataset or a HF datasets.Dataset "
+            f"(anything with len() and integer indexing), got {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty; give at least one example")
+    return data
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def iter_batches(
+    data: Any, task: Task, batch_size: int, name: str, start: int = 0
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index of the first example, collated batch)`` in dataset order."""
+    n = len(data)
+    for lo in range(start, n, batch_size):
+        hi = min(n, lo + batch_size)
+        items = [data[i] for i in range(lo, hi)]
+        try:
+            batch = task.collate(items)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{name}, examples {lo}..{hi - 1}: {e}") from e
+        yield lo, batch
+
+
+def _hash_item(h: Any, item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    elif isinstance(item, Mapping):
+        for k in sorted(item, key=str):
+            h.update(str(k).encode())
+            _hash_item(h, item[k])
+    elif isinstance(item, (list, tuple)):
+        h.update(b"[")
+        for v in item:
+            _hash_item(h, v)
+        h.update(b"]")
+    else:
+        try:
+            h.update(json.dumps(item, sort_keys=True, default=str).encode())
+        except TypeError:  # pragma: no cover - exotic objects
+            h.update(repr(item).encode())
+
+
+def fingerprint(data: Any) -> str:
+    """A content hash of every example, so a workdir can tell whether data changed.
+
+    Hashing raw examples costs far less than one forward pass over them.
+    """
+    h = hashlib.sha256()
+    h.update(str(len(data)).encode())
+    for i in range(len(data)):
+        _hash_item(h, data[i])
+    return h.hexdigest()[:16]

@@ -1,0 +1,276 @@
+"""Tasks: what the loss, the query measurement and the scored tokens are.
+
+A task is the contract between a user's model and the engine. It turns raw examples into a
+batch (``collate``), and defines three scalar functions of (model, batch), each **summed**
+over examples and scored tokens:
+
+- ``loss(model, batch, sample=False)``: the training loss L. With ``sample=True`` the labels
+  are drawn from the model's own predictive distribution; the gradients of that pseudo-loss
+  are the pseudo-gradients whose second moments estimate the Gauss-Newton matrix G.
+- ``measurement(model, batch)``: the query function f. Built-in tasks use the loss itself,
+  so for a language model f is the completion's summed NLL and a positive score means that
+  upweighting a training sequence raises the completion's log-probability.
+- ``gauss_newton_losses(model, batch)`` (optional): pseudo-losses whose gradients' outer
+  products sum *exactly* to G, for ``fisher="exact"``. For a softmax with probabilities p,
+  ``H = diag(p) - p p^T = sum_k sqrt(p_k)(e_k - p) (sqrt(p_k)(e_k - p))^T``, so one pseudo-loss
+  per class with output gradient ``sqrt(p_k)(e_k - p)``; for squared error H = I and the
+  pseudo-losses are the outputs themselves. We chose this square-root factorization over
+  importance weights because it reproduces G to float precision with C backward passes.
+
+``token_mask(batch)`` marks the tokens whose outputs are scored ([N, S] bool); K-FAC's
+covariances count only those. Gradients always sum over every position, which is exact:
+padding gets zero gradient by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+__all__ = ["Task", "LanguageModelingTask", "ClassificationTask", "RegressionTask"]
+
+IGNORE = -100  # the HF convention for "not scored"
+
+
+class Task:
+    """Base class. Subclass and implement ``loss`` and ``measurement``.
+
+    ``collate`` defaults to ``torch.utils.data.default_collate``; override it when examples
+    need tokenizing or padding. ``token_mask`` defaults to None (every token counts).
+    """
+
+    def collate(self, items: list[Any]) -> Any:
+        return default_collate(items)
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(model, batch, sample)")
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement measurement(model, batch)")
+
+    def token_mask(self, batch: Any) -> torch.Tensor | None:
+        return None
+
+    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
+        raise NotImplementedError(
+            f"fisher='exact' needs {type(self).__name__}.gauss_newton_losses(); "
+            "use fisher='sampled' or implement it"
+        )
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """Move every tensor in a (nested) batch to ``device``."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device)
+        if isinstance(batch, Mapping):
+            return {k: self.to_device(v, device) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(v, device) for v in batch)
+        return batch
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Pseudo-losses whose output gradients are sqrt(p_k)(e_k - p), k = 1..C (rows of logits).
+
+    Their outer products sum to the softmax cross-entropy Hessian diag(p) - p p^T exactly.
+    """
+    p = torch.softmax(logits.detach().double(), dim=-1)
+    for k in range(logits.shape[-1]):
+        e_k = torch.zeros_like(p)
+        e_k[..., k] = 1.0
+        coef = (p[..., k : k + 1].sqrt() * (e_k - p)).to(logits.dtype)
+        yield (logits * coef).sum()
+
+
+class LanguageModelingTask(Task):
+    """Causal language modelling with a HF-style model (``model(input_ids, attention_mask)``).
+
+    Examples may be dicts with ``input_ids`` (and optional ``labels``, ``attention_mask``),
+    or, when a tokenizer is given, strings, ``{"text": ...}`` or ``{"prompt", "completion"}``
+    (only the completion is scored). Labels use -100 for tokens that are not scored; the model
+    predicts ``labels[t + 1]`` from position ``t``.
+    """
+
+    def __init__(self, tokenizer: Any = None, max_length: int | None = None):
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    # ---- collation -------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "got raw text but LanguageModelingTask has no tokenizer; "
+                "pass LanguageModelingTask(tokenizer=...) or pre-tokenized 'input_ids'"
+            )
+        enc = self.tokenizer(text, add_special_tokens=False)
+        ids = enc["input_ids"] if isinstance(enc, Mapping) else enc.ids
+        return list(ids)
+
+    def _example(self, item: Any, i: int) -> tuple[list[int], list[int]]:
+        if isinstance(item, str):
+            ids = self._encode(item)
+            labels = list(ids)
+        elif isinstance(item, Mapping) and "input_ids" in item:
+            ids = _as_list(item["input_ids"])
+            if "attention_mask" in item:  # drop padding that came with the example
+                keep = _as_list(item["attention_mask"])
+                ids = [t for t, m in zip(ids, keep) if m]
+            labels = _as_list(item["labels"]) if item.get("labels") is not None else list(ids)
+            if len(labels) < len(ids):
+                raise ValueError(f"example {i}: 'labels' is shorter than 'input_ids'")
+            labels = labels[: len(ids)]
+        elif isinstance(item, Mapping) and "prompt" in item and "completion" in item:
+            p, c = self._encode(item["prompt"]), self._encode(item["completion"])
+            ids = p + c
+            labels = [IGNORE] * len(p) + c
+        elif isinstance(item, Mapping) and "text" in item:
+            ids = self._encode(item["text"])
+            labels = list(ids)
+        else:
+            keys = list(item.keys()) if isinstance(item, Mapping) else type(item).__name__
+            raise ValueError(
+                f"example {i} has no 'input_ids' (found {keys}); a language-modelling example "
+                "needs 'input_ids', or with a tokenizer 'text' or 'prompt' + 'completion'"
+            )
+        if self.max_length is not None:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if len(ids) < 2:
+            raise ValueError(f"example {i} has {len(ids)} token(s); at least 2 are needed")
+        return ids, labels
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example; padding gets attention 0 and label -100."""
+        pairs = [self._example(item, i) for i, item in enumerate(items)]
+        s = max(len(ids) for ids, _ in pairs)
+        n = len(pairs)
+        input_ids = torch.zeros(n, s, dtype=torch.long)
+        attention = torch.zeros(n, s, dtype=torch.long)
+        labels = torch.full((n, s), IGNORE, dtype=torch.long)
+        for i, (ids, lab) in enumerate(pairs):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    # ---- model functions -------------------------------------------------------------
+    def _check(self, batch: Any) -> None:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+            found = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(
+                f"a language-modelling batch needs 'input_ids' and 'labels' (found {found})"
+            )
+
+    def _forward(self, model: nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for positions 0..S-2 and their targets labels[1..S-1]."""
+        self._check(batch)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = _logits(out)[:, :-1]
+        return logits, batch["labels"][:, 1:]
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        logits, targets = self._forward(model, batch)
+        scored = targets != IGNORE
+        if sample:
+            with torch.no_grad():
+                drawn = torch.distributions.Categorical(logits=logits[scored].float()).sample()
+            targets = targets.clone()
+            targets[scored] = drawn
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss(model, batch, sample=False)
+
+    def token_mask(self, batch: Any) -> torch.Tensor:
+        """Position t is scored when it predicts a label: labels[t + 1] != -100."""
+        self._check(batch)
+        labels = batch["labels"]
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != IGNORE
+        return mask
+
+
+class ClassificationTask(Task):
+    """Batches ``(inputs, targets)``; the model returns logits [N, C]; cross-entropy summed."""
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if not isinstance(batch, Sequence) or len(batch) != 2:
+            raise ValueError(
+                f"a classification batch must be (inputs, targets), got {type(batch).__name__}"
+            )
+        return batch[0], batch[1]
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        inputs, targets = self._split(batch)
+        logits = _logits(model(inputs))
+        if sample:
+            with torch.no_grad():
+                targets = torch.distributions.Categorical(logits=logits.float()).sample()
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss(model, batch, sample=False)
+
+    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
+        inputs, _ = self._split(batch)
+        yield from _softmax_gn_losses(_logits(model(inputs)))
+
+
+class RegressionTask(Task):
+    """Batches ``(inputs, targets)``; loss ``sum ||model(x) - y||^2 / 2``.
+
+    The Gauss-Newton output Hessian is the identity, so sampled pseudo-targets are
+    ``y ~ N(model(x), I)`` and the exact pseudo-losses are the output coordinates.
+    """
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if not isinstance(batch, Sequence) or len(batch) != 2:
+            raise ValueError(
+                f"a regression batch must be (inputs, targets), got {type(batch).__name__}"
+            )
+        return batch[0], batch[1]
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        inputs, targets = self._split(batch)
+        pred = _logits(model(inputs))
+        targets = targets.reshape(pred.shape).to(pred.dtype)
+        if sample:
+            with torch.no_grad():
+                targets = pred + torch.randn_like(pred)
+        return 0.5 * ((pred - targets) ** 2).sum()
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss(model, batch, sample=False)
+
+    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
+        inputs, _ = self._split(batch)
+        pred = _logits(model(inputs))
+        pred = pred.reshape(pred.shape[0], -1)
+        for k in range(pred.shape[1]):
+            yield pred[:, k].sum()
+
+
+def _as_list(x: Any) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        return x.reshape(-1).tolist()
+    return list(x)
