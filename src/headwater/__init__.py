@@ -7,7 +7,7 @@ Influence functions with an EK-FAC Gauss-Newton approximation, after Grosse, Bae
 __version__ = "0.1.0"
 
 from .attributor import FISHERS, STRATEGIES, Attributor, NotFittedError  # noqa: E402
-from .curvature import NonFiniteError  # noqa: E402
+from .errors import NonFiniteError  # noqa: E402
 from .scoring import Scores, TopK  # noqa: E402
 from .task import ClassificationTask, LanguageModelingTask, RegressionTask, Task  # noqa: E402
 

@@ -39,6 +39,7 @@ from .curvature import (
     per_example_grads,
 )
 from .data import check_batch_size, check_data, fingerprint, iter_batches
+from .errors import NotFittedError
 from .layers import select_layers
 from .scoring import QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
 from .storage import SCHEMA_VERSION, load_json, load_tensors, model_fingerprint, save_json, save_tensors
@@ -48,10 +49,6 @@ __all__ = ["Attributor", "NotFittedError", "STRATEGIES", "FISHERS"]
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FISHERS = ("sampled", "empirical", "exact")
-
-
-class NotFittedError(RuntimeError):
-    """Scores were requested before the curvature was fitted."""
 
 
 def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
@@ -151,9 +148,7 @@ class Attributor:
                     diff = f"another module set ({len(saved.get(key) or {})} layers: {_short(saved.get(key))})"
                 else:
                     diff = f"{key}={saved.get(key)!r} (this Attributor has {key}={self._config[key]!r})"
-                raise ValueError(
-                    f"workdir {self.workdir} was made for {diff}; use a new workdir or delete this one"
-                )
+                raise ValueError(f"workdir {self.workdir} was made for {diff}; use a new workdir or delete this one")
         factors = self.workdir / "factors.safetensors"
         if factors.exists():
             tensors, meta = load_tensors(factors)
@@ -305,7 +300,9 @@ class Attributor:
         """
         queries = check_data(queries, "queries")
         batch_size = check_batch_size(batch_size)
-        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
+        if query_rank is not None and (
+            isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1
+        ):
             raise ValueError(f"query_rank must be None or a positive integer, got {query_rank!r}")
         curvature = self._require_fitted()
         lam = self.damping(damping)
@@ -385,5 +382,7 @@ def _curvature_from_tensors(strategy: str, layers: dict, tensors: dict[str, torc
             else:
                 out[name] = EigenCurvature(tensors[f"{name}::q_a"], tensors[f"{name}::q_s"], tensors[f"{name}::lam"])
         except KeyError as e:
-            raise ValueError(f"the saved factors have no entry {e} for layer {name!r}; the workdir is damaged, refit") from e
+            raise ValueError(
+                f"the saved factors have no entry {e} for layer {name!r}; the workdir is damaged, refit"
+            ) from e
     return out

@@ -131,9 +131,7 @@ class Capture:
                 k += 1
                 dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
                 a_parts.append(adapter.flatten_input(x.to(dtype)))
-                g_parts.append(
-                    adapter.flatten_output(torch.zeros_like(y, dtype=dtype) if gy is None else gy.to(dtype))
-                )
+                g_parts.append(adapter.flatten_output(torch.zeros_like(y, dtype=dtype) if gy is None else gy.to(dtype)))
             a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
             g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=1)
             yield LayerCapture(name, a, g, _layer_mask(mask, a.shape[1], len(a_parts)), len(a_parts))

@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 
 from .capture import LayerCapture
+from .errors import check_finite
 
 __all__ = [
     "DAMPING_SCALE",
-    "NonFiniteError",
     "LayerCurvature",
     "IdentityCurvature",
     "DiagonalCurvature",
@@ -36,25 +36,10 @@ __all__ = [
     "LambdaAccumulator",
     "DiagonalAccumulator",
     "per_example_grads",
-    "check_finite",
 ]
 
 # The paper's damping rule: lambda = 0.1 x mean eigenvalue of the layer's curvature.
 DAMPING_SCALE = 0.1
-
-
-class NonFiniteError(ArithmeticError):
-    """A factor or score contains NaN or inf; the message names the layer."""
-
-
-def check_finite(t: torch.Tensor, layer: str, what: str) -> torch.Tensor:
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise NonFiniteError(
-            f"{what} of layer {layer!r} has {bad} non-finite value(s); the model may overflow "
-            "in this dtype (try float32), or its inputs contain NaN/inf"
-        )
-    return t
 
 
 def per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,7 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def iter_batches(
-    data: Any, task: Task, batch_size: int, name: str, start: int = 0
-) -> Iterator[tuple[int, Any]]:
+def iter_batches(data: Any, task: Task, batch_size: int, name: str, start: int = 0) -> Iterator[tuple[int, Any]]:
     """Yield ``(index of the first example, collated batch)`` in dataset order."""
     n = len(data)
     for lo in range(start, n, batch_size):

@@ -111,9 +111,7 @@ def _is_mlp(name: str) -> bool:
     return len(parts) >= 2 and parts[-2] in MLP_PARENTS
 
 
-def select_layers(
-    model: nn.Module, modules: None | str | Sequence[str]
-) -> dict[str, LayerAdapter]:
+def select_layers(model: nn.Module, modules: None | str | Sequence[str]) -> dict[str, LayerAdapter]:
     """Resolve the user's ``modules`` argument into ``{qualified name: adapter}``.
 
     ``None`` tracks every supported layer, ``"mlp"`` the MLP projections of common
@@ -143,9 +141,7 @@ def select_layers(
             )
         return chosen
     if not isinstance(modules, Sequence) or not all(isinstance(m, str) for m in modules):
-        raise TypeError(
-            f"modules must be None, 'mlp' or a list of module names, got {type(modules).__name__}"
-        )
+        raise TypeError(f"modules must be None, 'mlp' or a list of module names, got {type(modules).__name__}")
     if len(modules) == 0:
         raise ValueError("modules is an empty list; name at least one layer, or pass None")
     all_modules = dict(model.named_modules())
@@ -153,8 +149,7 @@ def select_layers(
     for name in modules:
         if name not in all_modules:
             raise ValueError(
-                f"module {name!r} does not exist in {type(model).__name__}. "
-                f"Supported layers: {_preview(supported)}"
+                f"module {name!r} does not exist in {type(model).__name__}. Supported layers: {_preview(supported)}"
             )
         if name not in supported:
             raise ValueError(

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 
 from .capture import LayerCapture
-from .curvature import EigenCurvature, LayerCurvature, check_finite, per_example_grads, rotated_grads
+from .curvature import EigenCurvature, LayerCurvature, per_example_grads, rotated_grads
+from .errors import check_finite
 
 __all__ = ["Scores", "TopK", "QueryGradients", "ScoreAccumulator", "SelfInfluenceAccumulator"]
 

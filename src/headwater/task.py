@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
+from .errors import NonFiniteError
+
 __all__ = ["Task", "LanguageModelingTask", "ClassificationTask", "RegressionTask"]
 
 IGNORE = -100  # the HF convention for "not scored"
@@ -58,8 +60,7 @@ class Task:
 
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         raise NotImplementedError(
-            f"fisher='exact' needs {type(self).__name__}.gauss_newton_losses(); "
-            "use fisher='sampled' or implement it"
+            f"fisher='exact' needs {type(self).__name__}.gauss_newton_losses(); use fisher='sampled' or implement it"
         )
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
@@ -81,6 +82,16 @@ def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         return output[0]
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """Labels drawn from softmax(logits), from torch's global RNG (seeded per batch)."""
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError(
+            "the model's outputs contain NaN or inf, so no labels can be sampled from them; "
+            "check the weights and inputs, or run in float32"
+        )
+    return torch.distributions.Categorical(logits=logits.float(), validate_args=False).sample()
 
 
 def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -172,9 +183,7 @@ class LanguageModelingTask(Task):
     def _check(self, batch: Any) -> None:
         if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
             found = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(
-                f"a language-modelling batch needs 'input_ids' and 'labels' (found {found})"
-            )
+            raise ValueError(f"a language-modelling batch needs 'input_ids' and 'labels' (found {found})")
 
     def _forward(self, model: nn.Module, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for positions 0..S-2 and their targets labels[1..S-1]."""
@@ -188,7 +197,7 @@ class LanguageModelingTask(Task):
         scored = targets != IGNORE
         if sample:
             with torch.no_grad():
-                drawn = torch.distributions.Categorical(logits=logits[scored].float()).sample()
+                drawn = _sample_categorical(logits[scored])
             targets = targets.clone()
             targets[scored] = drawn
         return F.cross_entropy(
@@ -215,9 +224,7 @@ class ClassificationTask(Task):
 
     def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if not isinstance(batch, Sequence) or len(batch) != 2:
-            raise ValueError(
-                f"a classification batch must be (inputs, targets), got {type(batch).__name__}"
-            )
+            raise ValueError(f"a classification batch must be (inputs, targets), got {type(batch).__name__}")
         return batch[0], batch[1]
 
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
@@ -225,7 +232,7 @@ class ClassificationTask(Task):
         logits = _logits(model(inputs))
         if sample:
             with torch.no_grad():
-                targets = torch.distributions.Categorical(logits=logits.float()).sample()
+                targets = _sample_categorical(logits)
         return F.cross_entropy(logits.float(), targets, reduction="sum")
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -245,9 +252,7 @@ class RegressionTask(Task):
 
     def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if not isinstance(batch, Sequence) or len(batch) != 2:
-            raise ValueError(
-                f"a regression batch must be (inputs, targets), got {type(batch).__name__}"
-            )
+            raise ValueError(f"a regression batch must be (inputs, targets), got {type(batch).__name__}")
         return batch[0], batch[1]
 
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
