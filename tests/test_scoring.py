@@ -134,3 +134,22 @@ def test_layers_are_resolved_in_model_order():
         "transformer.h.1.mlp.c_fc",
         "transformer.h.1.mlp.c_proj",
     ]
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 9)], ids=["tall", "wide"])
+def test_low_rank_truncation_matches_the_svd(shape):
+    p = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    r = 3
+    lr = QueryGradients.build(p, r)
+    u, s, vh = torch.linalg.svd(p)
+    best = u[..., :r] @ torch.diag_embed(s[:, :r]) @ vh[:, :r]
+    torch.testing.assert_close(lr.u @ lr.v.mT, best)
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    from headwater.task import _sample_categorical
+
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(200_000, 3)
+    torch.manual_seed(0)
+    freq = torch.bincount(_sample_categorical(logits), minlength=3).double() / 200_000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=4e-3, rtol=0)

@@ -84,14 +84,25 @@ class QueryGradients:
 
     @classmethod
     def build(cls, p: torch.Tensor, rank: int | None) -> QueryGradients:
-        """Truncate P [Q,O,I] to its top-``rank`` singular triplets (exact when rank >= min(O,I))."""
+        """Truncate P [Q,O,I] to its top-``rank`` singular triplets (exact when rank >= min(O,I)).
+
+        The truncated SVD comes from the fp64 eigendecomposition of the smaller Gram matrix
+        (P^T P or P P^T): the top singular pairs are as accurate as a full SVD's, and it is an
+        order of magnitude faster than batched ``torch.linalg.svd`` on CPU.
+        """
         if rank is None or rank >= min(p.shape[1:]):
             return cls(full=p)
-        u, s, vh = torch.linalg.svd(p.double(), full_matrices=False)
-        return cls(
-            u=(u[..., :rank] * s[:, None, :rank]).to(p.dtype),
-            v=vh[:, :rank, :].mT.contiguous().to(p.dtype),
-        )
+        p64 = p.double()
+        if p.shape[2] <= p.shape[1]:  # I <= O: right singular vectors from P^T P [I, I]
+            _, vecs = torch.linalg.eigh(p64.mT @ p64)
+            v = vecs[..., -rank:].flip(-1)  # top-r, largest first
+            u = p64 @ v  # = U_r S_r
+        else:
+            _, vecs = torch.linalg.eigh(p64 @ p64.mT)
+            u_r = vecs[..., -rank:].flip(-1)
+            v = p64.mT @ u_r  # = V_r S_r
+            u = u_r
+        return cls(u=u.to(p.dtype).contiguous(), v=v.to(p.dtype).contiguous())
 
     @staticmethod
     def concat(parts: list[QueryGradients]) -> QueryGradients:

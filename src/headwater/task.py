@@ -85,13 +85,19 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _sample_categorical(logits: torch.Tensor) -> torch.Tensor:
-    """Labels drawn from softmax(logits), from torch's global RNG (seeded per batch)."""
-    if not torch.isfinite(logits).all():
+    """Labels drawn from softmax(logits) [..., C], from torch's global RNG (seeded per batch).
+
+    Inverse-CDF sampling (cumsum + searchsorted) is several times faster than
+    ``torch.multinomial`` for LM vocabularies.
+    """
+    if not torch.isfinite(logits.sum()):  # one cheap reduction; NaN/inf anywhere propagates
         raise NonFiniteError(
             "the model's outputs contain NaN or inf, so no labels can be sampled from them; "
             "check the weights and inputs, or run in float32"
         )
-    return torch.distributions.Categorical(logits=logits.float(), validate_args=False).sample()
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
