@@ -232,6 +232,15 @@ def test_analyze_workdir_round_trip(tmp_path):
     in_memory = analyze(scores, n_blocks=3)
     assert res["sparsity"] == in_memory["sparsity"] and res["cross_query"] == in_memory["cross_query"]
     assert res["tokens"] == in_memory["tokens"]
+    order = ["h.2.mlp", "h.10.mlp", "h.1.mlp"]  # a recorded model order wins over natural sort
+    save_tensors(tmp_path / "scores.safetensors", scores.tensors(), {"layers": order})
+    assert analyze_workdir(tmp_path, n_blocks=3)["layers"]["blocks"] == [[n] for n in order]
+    mask = torch.zeros(3, 400, dtype=torch.bool)
+    mask[:, :50] = True  # as candidate filtering saves it: only these entries were scored
+    save_tensors(tmp_path / "scores.safetensors", {**scores.tensors(), "candidate_mask": mask})
+    res = analyze_workdir(tmp_path)
+    assert [r["n_scored"] for r in res["sparsity"]["per_query"]] == [50, 50, 50]
+    assert all(i < 50 for top in res["cross_query"]["top"] for i in top)
 
 
 def test_analyze_command_mounts_on_typer(tmp_path):
@@ -274,12 +283,27 @@ def test_errors(call, exc, match):
         call()
 
 
-def test_workdir_errors(tmp_path):
+def test_workdir_errors_and_query_labels(tmp_path):
     with pytest.raises(FileNotFoundError, match="scores.safetensors does not exist"):
         analyze_workdir(tmp_path)
-    _saved_run(tmp_path, with_results=2)
-    with pytest.raises(ValueError, match="has 2 queries"):
-        analyze_workdir(tmp_path)
+    _saved_run(tmp_path, with_results=2)  # not one row per query: ignored, not guessed at
+    assert analyze_workdir(tmp_path)["query_labels"] is None
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    assert analyze_workdir(tmp_path)["query_labels"] == ["q0", "q1", "q2"]
+
+
+def test_token_structure_from_results_rows(tmp_path):
+    # scored without per-token tensors: the token scores `headwater score` keeps for its top sequences are used
+    scores = _saved_run(tmp_path)
+    save_tensors(tmp_path / "scores.safetensors", {"values": scores.values})
+    tokens = [[0.0, 5.0, 0.1], [0.0, 1.0, 1.0, 1.0, 1.0], [0.0, 3.0, -1.0]]
+    rows = [{"prompt": "p", "top": [{"index": i, "score": 1.0, "token_scores": t} for i, t in enumerate(tokens)]}] * 3
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = analyze_workdir(tmp_path)["tokens"]
+    ratios = [np.linalg.norm(t) / np.abs(t).sum() for t in map(np.array, tokens)]
+    assert [e["ratio"] for e in res["per_query"][0]] == pytest.approx(ratios)
+    assert [e["flagged"] for e in res["per_query"][0]] == [r > 2 / 3 for r in ratios] == [True, False, True]
+    assert res["n_flagged"] == 6 and res["n_examined"] == 9
 
 
 def test_output_token_influence_errors():

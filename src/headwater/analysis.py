@@ -505,8 +505,10 @@ def analyze(
 
 def analyze_workdir(directory: str | Path, **kwargs: Any) -> dict:
     """``analyze`` for a saved run: ``DIR/scores.safetensors`` (``Scores.tensors()``, plus an
-    optional bool ``candidate_mask`` [Q, N]). Layer names are put in model order by natural sort.
-    ``DIR/results.jsonl``, when present, only contributes its line count as a consistency check.
+    optional bool ``candidate_mask`` [Q, N]). Layers are put in model order: the header's
+    ``layers`` list when it names them all (``headwater score`` writes it), else natural sort.
+    ``DIR/results.jsonl``, when it has one JSON row per query, gives ``query_labels`` and, if the
+    tensors hold no per-token scores, the token structure of the top sequences it lists.
     """
     directory = Path(directory)
     path = directory / "scores.safetensors"
@@ -518,18 +520,67 @@ def analyze_workdir(directory: str | Path, **kwargs: Any) -> dict:
     mask = tensors.pop("candidate_mask", None)
     scores = Scores.from_tensors(tensors, meta)
     if scores.per_layer:
-        scores.per_layer = {n: scores.per_layer[n] for n in layer_order(list(scores.per_layer))}
-    results = directory / "results.jsonl"
-    if results.exists():
-        n_lines = sum(1 for line in results.read_text(encoding="utf-8").splitlines() if line.strip())
-        if n_lines != scores.values.shape[0]:
-            raise ValueError(
-                f"{results} has {n_lines} queries but {path} has {scores.values.shape[0]}; the run is inconsistent, "
-                "rerun the scoring"
-            )
+        saved = meta.get("layers")  # `headwater score` records the tracked layers in model order
+        names = saved if isinstance(saved, list) and sorted(saved) == sorted(scores.per_layer) else None
+        scores.per_layer = {n: scores.per_layer[n] for n in names or layer_order(list(scores.per_layer))}
     out = analyze(scores, mask.bool() if mask is not None else None, **kwargs)
     out["directory"] = str(directory)
+    rows = _result_rows(directory / "results.jsonl", scores.values.shape[0])
+    pick = lambda r: next((r[k] for k in ("query", "prompt", "text") if isinstance(r.get(k), str)), None)
+    out["query_labels"] = [pick(r) for r in rows] if rows else None
+    if out["tokens"] is None and rows:
+        out["tokens"] = _token_structure_from_rows(rows, kwargs.get("top_k", 10))
     return out
+
+
+def _result_rows(path: Path, n_queries: int) -> list[dict] | None:
+    """results.jsonl's rows when it has one JSON object per query; any other layout is ignored, not guessed at."""
+    if not path.exists():
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if len(rows) != n_queries or not all(isinstance(r, dict) for r in rows):
+        return None
+    return rows
+
+
+def _token_structure_from_rows(rows: list[dict], top_k: int, threshold: float = SPURIOUS_RATIO) -> dict | None:
+    """``token_structure`` from the per-token scores that ``headwater score`` keeps for its top sequences.
+
+    Used when scores.safetensors has no [Q, N, T] per-token tensor (scored without --per-token).
+    Rows are ``{"top": [{"index", "score", "token_scores"}, ...]}``; positions are those of the
+    shown tokens.
+    """
+    out, flagged, examined = [], 0, 0
+    for row in rows:
+        top = row.get("top")
+        if not isinstance(top, list) or not all(isinstance(e, dict) and "token_scores" in e for e in top):
+            return None
+        entries = []
+        for e in top[:top_k]:
+            a = np.abs(np.asarray(e["token_scores"], dtype=np.float64))
+            ratio = float(concentration(a)) if a.size else 0.0
+            l1 = float(a.sum())
+            entries.append({
+                "index": int(e["index"]),
+                "score": float(e["score"]),
+                "ratio": ratio,
+                "flagged": ratio > threshold,
+                "top_token": int(a.argmax()) if a.size else None,
+                "top_token_share": float(a.max() / l1) if l1 > 0 else None,
+            })
+        flagged += sum(x["flagged"] for x in entries)
+        examined += len(entries)
+        out.append(entries)
+    return {
+        "per_query": out,
+        "n_flagged": flagged,
+        "n_examined": examined,
+        "flagged_share": flagged / examined if examined else None,
+        "threshold": threshold,
+    }
 
 
 def _summary(res: dict) -> str:
@@ -537,12 +588,14 @@ def _summary(res: dict) -> str:
     sp = res["sparsity"]
     if sp["mean_top1pct_share"] is not None:
         lines.append(f"sparsity: top 1% of sequences hold {sp['mean_top1pct_share']:.1%} of positive influence (mean)")
+    labels = res.get("query_labels") or []
     for q, r in enumerate(sp["per_query"]):
         pl = r["power_law"]
         if pl is not None:
             p = "" if pl["p_value"] is None else f", p={pl['p_value']:.2f}"
+            name = f"query {q}" + (f" ({labels[q][:40]!r})" if q < len(labels) and labels[q] else "")
             lines.append(
-                f"  query {q}: alpha={pl['alpha']:.2f}+-{pl['alpha_stderr']:.2f} above xmin={pl['xmin']:.3g} "
+                f"  {name}: alpha={pl['alpha']:.2f}+-{pl['alpha_stderr']:.2f} above xmin={pl['xmin']:.3g} "
                 f"({pl['n_tail']} of {pl['n_positive']} positive), KS={pl['ks']:.3f}{p}"
             )
     if res["layers"] is not None and res["layers"]["mean"] is not None:
