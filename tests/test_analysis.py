@@ -60,6 +60,7 @@ def test_power_law_ks_statistic_matches_scipy():
     assert fit.n_tail == tail.size
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # powerlaw 2.0 warns about its own internals
 def test_power_law_matches_the_powerlaw_package():
     powerlaw = pytest.importorskip("powerlaw")
     rng = np.random.default_rng(2)

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.utils.data import Subset
 
 from .data import check_batch_size, check_data
 from .scoring import Scores
@@ -271,7 +272,7 @@ def scores_with_candidates(
         )
     chosen = index.candidates(token_ids(queries, attributor.task), n)
     union = np.unique(np.concatenate(chosen))
-    subset = torch.utils.data.Subset(train, union.tolist())
+    subset = Subset(train, union.tolist())
     sub = attributor.scores(queries, subset, **score_kwargs)
 
     n_q, n_train = len(queries), len(train)
