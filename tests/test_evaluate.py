@@ -239,7 +239,7 @@ def test_pbrf_scores_agree_with_exact_influence_scores_and_leave_the_model_alone
     model, train, x = _tiny_mlp()
     before = [p.detach().clone() for p in model.parameters()]
     task, lam = hw.ClassificationTask(), 0.05
-    assert PBRF(model, task, train, damping=lam).epsilon == -1 / len(train)  # default: removal
+    assert PBRF(model, task, train, damping=lam).epsilon == 1 / len(train)  # default: upweight by 1/N
     pb = PBRF(model, task, train, damping=lam, epsilon=-1e-4)  # small, so first order holds tightly
     res = pb.scores(train[:4], indices=[0, 3, 7, 11, 20])
     space = pb.space

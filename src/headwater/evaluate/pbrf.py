@@ -16,8 +16,15 @@ with G the per-example mean, the very matrix the engine approximates, so to firs
     f_q(theta(eps)) - f_q(theta_s) = -eps * score(q, m).
 
 The *PBRF score* is therefore ``-(f_q(theta(eps)) - f_q(theta_s)) / eps``, in the engine's units
-and sign (positive = upweighting m lowers f_q). We default to eps = -1/N, i.e. removing the
-example, as Bae et al. do; then ``f_q`` rises by ``score / N`` to first order.
+and sign (positive = upweighting m lowers f_q).
+
+We default to eps = +1/N (counting example m twice) rather than Bae et al.'s removal, -1/N.
+With eps > 0 every term is non-negative, so the objective is bounded below and has a
+minimiser. With eps < 0 the ``-L_m / N`` term rewards pushing example m's loss up, which a
+two-layer network can do at a cost quadratic in the weights, so at the paper's small damping
+the objective can be unbounded below or its minimiser can lie far outside the linear regime
+(on the digits MLP some removal responses move the weights by more than their own norm).
+Pass ``epsilon=-1/N`` for removal.
 
 The objective is minimised from theta_s by inexact Newton steps (conjugate gradients on exact
 Hessian-vector products), in float64 on a copy of the model. The
@@ -93,7 +100,7 @@ class PBRF:
     damping : float
         lambda, an absolute value. Give the methods you compare the same one.
     epsilon : float or None
-        The upweighting; None means -1/N (removal). Must be non-zero.
+        The upweighting; None means +1/N (see the module docstring). Must be non-zero.
     rtol : float
         Stop when the gradient norm falls below ``rtol`` x its value at theta_s.
     max_iter : int
@@ -118,7 +125,7 @@ class PBRF:
                 "PBRF objective well posed, so it cannot be zero"
             )
         if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon == 0):
-            raise ValueError(f"epsilon must be None (removal, -1/N) or a non-zero number, got {epsilon!r}")
+            raise ValueError(f"epsilon must be None (+1/N) or a non-zero number, got {epsilon!r}")
         self.train = check_data(train, "training data")
         self.task = task
         self.model = copy.deepcopy(model).double()
@@ -127,7 +134,7 @@ class PBRF:
         self.space = ParameterSpace(self.model, self.layers)
         self.damping = float(damping)
         self.n = len(self.train)
-        self.epsilon = -1.0 / self.n if epsilon is None else float(epsilon)
+        self.epsilon = 1.0 / self.n if epsilon is None else float(epsilon)
         self.rtol = rtol
         self.max_iter = max_iter
         self.batch_size = check_batch_size(batch_size)
@@ -158,40 +165,48 @@ class PBRF:
         prox = 0.5 * self.damping * ((theta - self.theta_s) ** 2).sum()
         return breg / self.n + self.epsilon * loss_m + prox
 
-    def _gradient(self, theta: torch.Tensor, example: Any, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        theta = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(self._objective(theta, example), theta, create_graph=create_graph)
-        return theta, g
+    def _evaluate(self, theta: torch.Tensor, example: Any, create_graph: bool = False):
+        """(leaf, objective value, gradient) at theta; the graph is kept for HVPs if asked."""
+        leaf = theta.detach().requires_grad_(True)
+        val = self._objective(leaf, example)
+        (g,) = torch.autograd.grad(val, leaf, create_graph=create_graph)
+        return leaf, float(val.detach()), g
 
     def response(self, index: int) -> PBRFResponse:
         """Minimise the PBRF objective for training example ``index``, starting at theta_s.
 
-        Inexact Newton: each step solves ``H step = -g`` by conjugate gradients on exact
+        Line-search Newton-CG: each step solves ``H step = -g`` by conjugate gradients on exact
         Hessian-vector products (double backward through one retained graph) to a relative
-        residual of ``CG_TOL``, then backtracks on the gradient norm. We steer by the gradient
-        norm rather than the objective value because the value changes by O(eps^2), below what
-        the Bregman term's cancellation resolves, while the gradient stays well conditioned.
+        residual of ``CG_TOL``, falling back to steepest descent on negative curvature, then
+        backtracks until the objective decreases (Armijo). Near the optimum the value changes
+        by less than float64 resolves on a sum over N examples; there a step is accepted when
+        it reduces the gradient norm instead.
         """
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n:
             raise IndexError(f"index {index!r} is out of range for {self.n} training examples")
         example = _cast(self.task.collate([self.train[index]]), torch.float64)
         theta = self.theta_s.clone()
+        noise = 1e-13 * (1.0 + sum(abs(float(l_s)) for *_, l_s, _ in self._batches) / self.n)
         with eval_mode(self.model):
-            _, g = self._gradient(theta, example, False)
+            leaf, val, g = self._evaluate(theta, example, create_graph=True)
             g0 = gnorm = float(g.norm())
             it = 0
             while gnorm > self.rtol * g0 and it < self.max_iter:
                 it += 1
-                leaf, g = self._gradient(theta, example, True)
                 step = _conjugate_gradients(_hvp(g, leaf), -g.detach(), CG_TOL, CG_MAX_ITER)
+                slope = float(g.detach() @ step)
+                if slope >= 0:  # not a descent direction (indefinite H): steepest descent
+                    step, slope = -g.detach(), -gnorm**2
                 t = 1.0
-                while True:  # backtracking on the gradient norm
+                while True:
                     trial = theta + t * step
-                    g_trial = self._gradient(trial, example, False)[1]
-                    if float(g_trial.norm()) < gnorm or t < 1e-6:
+                    leaf_t, val_t, g_t = self._evaluate(trial, example, create_graph=True)
+                    decrease = val_t <= val + 1e-4 * t * slope
+                    flat = abs(val_t - val) <= noise and float(g_t.norm()) < gnorm
+                    if decrease or flat or t < 1e-10:
                         break
                     t /= 2
-                theta, gnorm = trial, float(g_trial.norm())
+                theta, leaf, val, g, gnorm = trial, leaf_t, val_t, g_t, float(g_t.norm())
         return PBRFResponse(index, theta - self.theta_s, gnorm <= self.rtol * g0, it, gnorm / g0)
 
     # ------------------------------------------------------------------ scores
