@@ -1,0 +1,1050 @@
+"""A persistent projected-gradient index (LoGra-style): pay one pass over the training data,
+then answer queries by scanning small stored records instead of recomputing gradients.
+
+    an = hw.Attributor(model, modules="mlp", workdir="runs/a").fit(train)
+    build_index(an, train, dim=16)                  # -> runs/a/index/
+    res = query_index(an, queries, top_k=10)        # Scores, values [Q, N]
+    res.top(10)
+
+Why it is cheap (Choe et al. 2024, "What is your data worth to GPT?"). A tracked layer's
+per-sequence gradient is ``dW_m = sum_t g_t a_t^T`` [O, I]. Projecting both of its sides with
+``P_out`` [k_out, O] and ``P_in`` [k_in, I] gives
+
+    P_out dW_m P_in^T = sum_t (P_out g_t)(P_in a_t)^T = (g P_out^T)^T (a P_in^T)
+
+which costs S*(O*k_out + I*k_in + k_out*k_in) per sequence and never forms the [O, I]
+gradient. So the index is just the engine's capture stream with projected ``a`` and ``g``:
+the same ``per_example_grads`` turns them into [N, k_out, k_in] records.
+
+Projection sizes: ``k_in = min(dim, I)``, ``k_out = min(dim, O)`` per layer, so a record holds
+``sum_layers k_out * k_in`` numbers (dim=16 and GPT-2's 2 MLP layers per block: 512 per block).
+Projections are seeded Gaussian, Rademacher or random-orthogonal matrices scaled so that
+``E[P^T P] = I`` (inner products are preserved in expectation), or ``"kfac"``: the top
+eigenvectors of the attributor's fitted K-FAC/EK-FAC factors (LoGra's PCA initialisation),
+ranked by their share of the fitted eigenvalues.
+
+Curvature in the projected space (``curvature=``). With ``r = vec(P_out dW P_in^T)``:
+
+- ``"dense"`` (default when every layer's ``k_out * k_in <= 4096``): the damped Gauss-Newton
+  ``G_p = E_m[r_m r_m^T]`` from the attributor's pseudo-gradients (its ``fisher``, seeded like
+  the engine's covariance pass), eigendecomposed once. It is the exact projection
+  ``P G P^T`` of the per-layer Gauss-Newton, so nothing is approximated beyond the sampling.
+- ``"ekfac"`` / ``"kfac"``: the engine's EK-FAC (K-FAC) run on the projected captures:
+  ``A_p = P_in A P_in^T``, ``S_p = P_out S P_out^T``, then the eigenvalue correction from the
+  projected pseudo-gradients. For projections too large for a dense [d, d] matrix.
+- ``"identity"``: gradient dot products (no curvature pass).
+
+Each query is preconditioned once, ``(G_p + lambda I)^-1 r_q``, and scored against every record
+by one matrix product per shard. With full-dimensional orthogonal projections ``P`` is a
+rotation, ``(P G P^T + lambda I)^-1 = P (G + lambda I)^-1 P^T`` and the index scores equal the
+engine's exactly; with fewer dimensions they approximate them (benchmarks/results/index.md).
+
+On disk (one directory)::
+
+    manifest.json             config, layer layout, fingerprints, shards (file, record range,
+                              bytes, sha256), curvature entry, complete flag
+    projections.safetensors   {layer}::out [k_out, O], {layer}::in [k_in, I] (float64)
+    shard-00000.bin ...       raw little-endian records [n, D], dataset order; layer l's block
+                              is columns offset_l : offset_l + k_out*k_in, row-major [k_out, k_in]
+    curvature.safetensors     the projected curvature per layer
+
+Raw arrays (not safetensors) so a shard is one ``numpy.memmap`` with no header to parse.
+Every file is written to a temporary name and renamed; the manifest is rewritten after each
+shard, so an interrupted build resumes at the next missing shard and yields the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .capture import LayerCapture
+from .curvature import (
+    DAMPING_SCALE,
+    EigenCurvature,
+    IdentityCurvature,
+    LayerCurvature,
+    per_example_grads,
+    rotated_grads,
+)
+from .data import check_batch_size, check_data, fingerprint
+from .errors import NotFittedError, check_finite
+from .scoring import Scores
+from .storage import atomic_write_bytes, load_json, load_tensors, model_fingerprint, save_json, save_tensors
+
+__all__ = [
+    "build_index",
+    "query_index",
+    "GradientIndex",
+    "CorruptIndexError",
+    "ProjectedDenseCurvature",
+    "PROJECTIONS",
+    "INDEX_DTYPES",
+    "INDEX_CURVATURES",
+    "DEFAULT_DIM",
+]
+
+FORMAT = "headwater-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROJECTIONS_FILE = "projections.safetensors"
+CURVATURE_FILE = "curvature.safetensors"
+
+PROJECTIONS = ("gaussian", "rademacher", "orthogonal", "kfac")
+INDEX_CURVATURES = ("auto", "dense", "ekfac", "kfac", "identity")
+# storage dtype -> (numpy dtype of the raw file, torch dtype it is read as). bfloat16 has no
+# numpy type, so it is stored as little-endian int16 bit patterns and viewed back.
+INDEX_DTYPES = {
+    "float16": ("<f2", torch.float16),
+    "bfloat16": ("<i2", torch.bfloat16),
+    "float32": ("<f4", torch.float32),
+}
+# 16 x 16 per layer: 512 floats per GPT-2 block (two MLP layers), 1 KiB in float16. Large
+# enough for Spearman ~0.9 against exact EK-FAC on the benchmark model, small enough that a
+# 100k-record index scans in tens of milliseconds on CPU (benchmarks/results/index.md).
+DEFAULT_DIM = 16
+# Dense projected Gauss-Newton up to 4096 = 64 x 64 coordinates per layer: [4096, 4096] float64
+# is 128 MiB and one eigh of it takes seconds; beyond that "auto" picks projected EK-FAC.
+DENSE_MAX = 4096
+# Records per shard: the unit of resumption and of distributed work. 4096 records keeps a
+# shard around 4 MiB at the default size and the resume loss under a minute of work on GPU.
+DEFAULT_SHARD_SIZE = 4096
+_SCAN_CHUNK_BYTES = 1 << 26  # records converted to float32 at a time during a scan (64 MiB)
+
+
+class CorruptIndexError(ValueError):
+    """A shard or side file of an index does not match its manifest (truncated, altered, missing)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialized ``torch.distributed`` group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _all_reduce(tensors: dict[str, torch.Tensor]) -> None:
+    """Sum tensors across ranks in place (sorted keys, so every rank issues the same calls)."""
+    import torch.distributed as dist
+
+    if _rank_world()[1] == 1:
+        return
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for key in sorted(tensors):
+        buf = tensors[key].to(dev)
+        dist.all_reduce(buf)
+        tensors[key].copy_(buf)
+
+
+def _stream_is_sharded(an: Any) -> bool:
+    """Whether ``Attributor._stream`` splits batches across ranks itself (``shard=`` argument).
+
+    The record pass must see every batch of its own shard on this rank, so it asks for
+    ``shard=False`` where that exists; the curvature pass lets the engine split batches, so
+    its per-batch label seeds (and hence the sums) match a single-process run.
+    """
+    return "shard" in inspect.signature(an._stream).parameters
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}")
+    return value
+
+
+def _derive(seed: int, *parts: str) -> int:
+    h = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Slice:
+    """``data[start:stop]`` as a sized, indexable view (all that the engine's batching needs)."""
+
+    def __init__(self, data: Any, start: int, stop: int):
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[self.start + i]
+
+
+# ---------------------------------------------------------------------------------------
+# Projections
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexLayer:
+    """Where one tracked layer lives in a record: columns ``offset : offset + k_out * k_in``."""
+
+    name: str
+    out_features: int  # O
+    in_features: int  # I, bias column included
+    k_out: int
+    k_in: int
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.k_out * self.k_in
+
+    def as_json(self) -> dict:
+        return {
+            "name": self.name,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "k_out": self.k_out,
+            "k_in": self.k_in,
+            "offset": self.offset,
+        }
+
+
+def _layout(layers: dict, dim: int) -> list[IndexLayer]:
+    out, offset = [], 0
+    for name, ad in layers.items():
+        k_out, k_in = min(dim, ad.out_features), min(dim, ad.in_features)
+        out.append(IndexLayer(name, ad.out_features, ad.in_features, k_out, k_in, offset))
+        offset += k_out * k_in
+    return out
+
+
+def _random_projection(kind: str, k: int, n: int, seed: int) -> torch.Tensor:
+    """[k, n] float64 with E[P^T P] = I, from a generator seeded per layer and side."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(k, n, generator=gen, dtype=torch.float64) / math.sqrt(k)
+    if kind == "rademacher":
+        return (torch.randint(0, 2, (k, n), generator=gen) * 2 - 1).to(torch.float64) / math.sqrt(k)
+    # orthogonal: k orthonormal rows (Haar-distributed via QR with sign fix), scaled by sqrt(n/k)
+    q, r = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    return q.mT.contiguous() * math.sqrt(n / k)
+
+
+def _kfac_projection(op: LayerCurvature, name: str, k_out: int, k_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenvectors of the fitted factors: LoGra's PCA initialisation.
+
+    Directions are ranked by their share of the fitted eigenvalues, ``lam.sum(0)`` over Q_A's
+    columns and ``lam.sum(1)`` over Q_S's: for K-FAC (lam = outer(eig_S, eig_A)) that is the
+    order of the factors' own eigenvalues, and for EK-FAC it follows the corrected ones.
+    """
+    if not isinstance(op, EigenCurvature):
+        raise ValueError(
+            f"projection='kfac' takes the top eigenvectors of K-FAC/EK-FAC factors, but layer {name!r} has a "
+            f"{type(op).__name__}; use an Attributor with strategy='kfac' or 'ekfac', or projection='gaussian'"
+        )
+    lam = op.lam.double().cpu()
+    top_in = torch.argsort(lam.sum(0), descending=True, stable=True)[:k_in]
+    top_out = torch.argsort(lam.sum(1), descending=True, stable=True)[:k_out]
+    p_out = op.q_s.double().cpu()[:, top_out].mT.contiguous()
+    p_in = op.q_a.double().cpu()[:, top_in].mT.contiguous()
+    return p_out, p_in
+
+
+def make_projections(
+    attributor: Any, layout: list[IndexLayer], kind: str, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (P_out [k_out, O], P_in [k_in, I])}, float64 on CPU."""
+    if kind == "kfac":
+        if attributor.curvature is None:
+            raise NotFittedError(
+                "projection='kfac' needs fitted K-FAC/EK-FAC factors; call an.fit(train) first, "
+                "or use projection='gaussian'"
+            )
+        return {ly.name: _kfac_projection(attributor.curvature[ly.name], ly.name, ly.k_out, ly.k_in) for ly in layout}
+    return {
+        ly.name: (
+            _random_projection(kind, ly.k_out, ly.out_features, _derive(seed, "projection", ly.name, "out")),
+            _random_projection(kind, ly.k_in, ly.in_features, _derive(seed, "projection", ly.name, "in")),
+        )
+        for ly in layout
+    }
+
+
+class _Projector:
+    """Turns a capture (a [N,S,I], g [N,S,O]) into the projected one (a P_in^T, g P_out^T)."""
+
+    def __init__(self, projections: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.projections = projections
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, c: LayerCapture) -> LayerCapture:
+        key = (c.name, c.a.dtype, c.a.device)
+        if key not in self._cast:
+            self._cast[key] = tuple(p.to(c.a.device, c.a.dtype) for p in self.projections[c.name])
+        p_out, p_in = self._cast[key]
+        return LayerCapture(c.name, c.a @ p_in.mT, c.g @ p_out.mT, c.mask, c.calls)  # [N,S,k_in], [N,S,k_out]
+
+    def records(self, c: LayerCapture) -> torch.Tensor:
+        """Projected per-sequence gradients P_out dW P_in^T, [N, k_out, k_in]."""
+        pc = self(c)
+        return per_example_grads(pc.a, pc.g)
+
+
+# ---------------------------------------------------------------------------------------
+# Curvature in the projected space
+# ---------------------------------------------------------------------------------------
+
+
+class ProjectedDenseCurvature(LayerCurvature):
+    """Dense G_p [d, d] (d = k_out * k_in) held as its eigendecomposition, acting on [..., k_out, k_in].
+
+    Keeping eigenvectors instead of a Cholesky factor lets every query pick its damping.
+    """
+
+    kind = "dense"
+
+    def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, shape: tuple[int, int]):
+        self.eigvals, self.eigvecs = eigvals, eigvecs  # [d], [d, d]; float64
+        self.shape = tuple(shape)
+
+    def _apply(self, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        e, q = self.eigvals.to(v.device, v.dtype), self.eigvecs.to(v.device, v.dtype)
+        flat = v.reshape(*v.shape[:-2], -1)
+        return (((flat @ q) * scale(e)) @ q.mT).reshape(v.shape)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._apply(v, lambda e: e)
+
+    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        return self._apply(v, lambda e: 1.0 / (e + damping))
+
+    def default_damping(self) -> float:
+        return DAMPING_SCALE * self.eigvals.mean().item()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"eigvals": self.eigvals, "eigvecs": self.eigvecs}
+
+
+class _Sums:
+    """float64 sums keyed ``layer::field``, preallocated so every rank all-reduces the same keys."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device):
+        self.sums = {k: torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        self.sums[key] += value.double() if isinstance(value, torch.Tensor) else value
+
+
+class _DenseAccumulator(_Sums):
+    """G_p = mean over sequences of the summed outer products of projected pseudo-gradients."""
+
+    def __init__(self, layout: list[IndexLayer], device: torch.device):
+        super().__init__({**{f"{ly.name}::G": (ly.size, ly.size) for ly in layout},
+                          **{f"{ly.name}::n": () for ly in layout}}, device)  # fmt: skip
+
+    def update(self, pc: LayerCapture, first: bool) -> None:
+        r = per_example_grads(pc.a, pc.g).reshape(pc.a.shape[0], -1)  # [N, d]
+        self.add(f"{pc.name}::G", r.mT @ r)
+        if first:
+            self.add(f"{pc.name}::n", float(r.shape[0]))
+
+    def curvature(self, ly: IndexLayer) -> ProjectedDenseCurvature:
+        g = check_finite(self.sums[f"{ly.name}::G"] / self.sums[f"{ly.name}::n"], ly.name, "projected Gauss-Newton")
+        e, q = torch.linalg.eigh(g.cpu())
+        return ProjectedDenseCurvature(e.clamp_min(0), q, (ly.k_out, ly.k_in))
+
+
+class _CovarianceAccumulator(_Sums):
+    """K-FAC's per-token A and S, here of the projected a and g (so A_p = P_in A P_in^T)."""
+
+    def __init__(self, layout: list[IndexLayer], device: torch.device):
+        shapes = {}
+        for ly in layout:
+            shapes.update({f"{ly.name}::A": (ly.k_in,) * 2, f"{ly.name}::S": (ly.k_out,) * 2,
+                           f"{ly.name}::tokens": (), f"{ly.name}::n": ()})  # fmt: skip
+        super().__init__(shapes, device)
+
+    def update(self, pc: LayerCapture, first: bool) -> None:
+        a, g = (pc.a[pc.mask], pc.g[pc.mask]) if pc.mask is not None else (pc.a.flatten(0, 1), pc.g.flatten(0, 1))
+        if first:
+            self.add(f"{pc.name}::A", a.mT @ a)
+            self.add(f"{pc.name}::tokens", float(a.shape[0]))
+            self.add(f"{pc.name}::n", float(pc.a.shape[0]))
+        self.add(f"{pc.name}::S", g.mT @ g)
+
+    def kfac(self, ly: IndexLayer) -> EigenCurvature:
+        tokens = self.sums[f"{ly.name}::tokens"].item()
+        if tokens == 0:
+            raise ValueError(f"layer {ly.name!r} saw no scored tokens while fitting the projected curvature")
+        a = check_finite(self.sums[f"{ly.name}::A"].cpu() / tokens, ly.name, "projected input covariance")
+        s = check_finite(self.sums[f"{ly.name}::S"].cpu() / tokens, ly.name, "projected gradient covariance")
+        eig_a, q_a = torch.linalg.eigh(a)
+        eig_s, q_s = torch.linalg.eigh(s)
+        mean_tokens = tokens / self.sums[f"{ly.name}::n"].item()
+        return EigenCurvature(q_a, q_s, mean_tokens * torch.outer(eig_s.clamp_min(0), eig_a.clamp_min(0)))
+
+
+class _LambdaAccumulator(_Sums):
+    """EK-FAC's eigenvalue correction E_m[(Q_S^T r_m Q_A)^2] on projected pseudo-gradients."""
+
+    def __init__(self, layout: list[IndexLayer], bases: dict[str, EigenCurvature], device: torch.device):
+        super().__init__({**{f"{ly.name}::lam": (ly.k_out, ly.k_in) for ly in layout},
+                          **{f"{ly.name}::n": () for ly in layout}}, device)  # fmt: skip
+        self.bases = bases
+
+    def update(self, pc: LayerCapture, first: bool) -> None:
+        r = rotated_grads(pc, self.bases[pc.name])
+        self.add(f"{pc.name}::lam", (r * r).sum(0))
+        if first:
+            self.add(f"{pc.name}::n", float(r.shape[0]))
+
+    def ekfac(self, ly: IndexLayer) -> EigenCurvature:
+        lam = self.sums[f"{ly.name}::lam"].cpu() / self.sums[f"{ly.name}::n"].item()
+        base = self.bases[ly.name]
+        return EigenCurvature(base.q_a, base.q_s, check_finite(lam, ly.name, "projected eigenvalue correction"))
+
+
+def _fit_pass(an: Any, data: Any, batch_size: int, projector: _Projector, acc: _Sums, phase: str) -> None:
+    """One pass of the attributor's pseudo-losses (its ``fisher``) into ``acc``, summed over ranks.
+
+    The phase names are the engine's ("covariance", "eigenvalue correction"), so every batch
+    draws the same pseudo-labels as the engine's own fit of the same data and batch size.
+    """
+    an._stream(
+        data, batch_size, "curvature data", an._fit_losses, lambda c, lo, first: acc.update(projector(c), first), phase
+    )
+    if _stream_is_sharded(an):  # each rank saw its own batches; otherwise every rank saw all
+        _all_reduce(acc.sums)
+
+
+def _fit_projected_curvature(
+    an: Any, data: Any, batch_size: int, projector: _Projector, layout: list[IndexLayer], kind: str
+) -> dict[str, LayerCurvature]:
+    device = an.device
+    if kind == "identity":
+        return {ly.name: IdentityCurvature((ly.k_out, ly.k_in)) for ly in layout}
+    if kind == "dense":
+        acc = _DenseAccumulator(layout, device)
+        _fit_pass(an, data, batch_size, projector, acc, "covariance")
+        return {ly.name: acc.curvature(ly) for ly in layout}
+    cov = _CovarianceAccumulator(layout, device)
+    _fit_pass(an, data, batch_size, projector, cov, "covariance")
+    bases = {ly.name: cov.kfac(ly) for ly in layout}
+    if kind == "kfac":
+        return bases
+    lam = _LambdaAccumulator(layout, bases, device)
+    _fit_pass(an, data, batch_size, projector, lam, "eigenvalue correction")
+    return {ly.name: lam.ekfac(ly) for ly in layout}
+
+
+def _curvature_from_tensors(kind: str, layout: list[IndexLayer], tensors: dict[str, torch.Tensor]) -> dict:
+    out: dict[str, LayerCurvature] = {}
+    for ly in layout:
+        if kind == "identity":
+            out[ly.name] = IdentityCurvature((ly.k_out, ly.k_in))
+        elif kind == "dense":
+            out[ly.name] = ProjectedDenseCurvature(
+                tensors[f"{ly.name}::eigvals"], tensors[f"{ly.name}::eigvecs"], (ly.k_out, ly.k_in)
+            )
+        else:
+            out[ly.name] = EigenCurvature(
+                tensors[f"{ly.name}::q_a"], tensors[f"{ly.name}::q_s"], tensors[f"{ly.name}::lam"]
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reading an index
+# ---------------------------------------------------------------------------------------
+
+# Shards whose sha256 was checked in this process, keyed by (path, size, mtime_ns, sha256):
+# interactive use re-opens the index for every query and should hash it once, not every time.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _check_file(path: Path, entry: dict, checksum: bool) -> None:
+    """Raise CorruptIndexError naming ``path`` if it is missing, has the wrong size or checksum."""
+    if not path.exists():
+        raise CorruptIndexError(
+            f"index file {path} is missing (the manifest lists it); rebuild with build_index(..., path=...) "
+            "on the same data, which rewrites only missing or damaged shards"
+        )
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        raise CorruptIndexError(
+            f"index file {path} is {st.st_size} bytes but the manifest records {entry['bytes']}: it is truncated "
+            "or was replaced; rebuild with build_index(..., path=...) on the same data to rewrite it"
+        )
+    if checksum:
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
+        if key in _VERIFIED:
+            return
+        if _sha256_file(path) != entry["sha256"]:
+            raise CorruptIndexError(
+                f"index file {path} does not match its sha256 checksum in the manifest: it was altered or damaged; "
+                "rebuild with build_index(..., path=...) on the same data to rewrite it"
+            )
+        _VERIFIED.add(key)
+
+
+class GradientIndex:
+    """An index directory opened for reading: manifest, memory-mapped shards, projections, curvature.
+
+    ``open`` checks every shard's size against the manifest (cheap); ``verify()`` (or
+    ``open(verify=True)``) also checks sha256 checksums, once per file and process.
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.layers = [IndexLayer(**ly) for ly in manifest["layers"]]
+        self.n_records: int = manifest["n_records"]
+        self.record_dim: int = manifest["record_dim"]
+        self.dtype: str = manifest["dtype"]
+        self.shards: list[dict] = manifest["shards"]
+        self._projections: dict | None = None
+        self._curvature: dict | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> GradientIndex:
+        path = Path(path)
+        if not (path / MANIFEST).exists():
+            raise FileNotFoundError(
+                f"no index at {path} ({MANIFEST} is missing); build one with build_index(an, train, path=...)"
+            )
+        manifest = load_json(path / MANIFEST)
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path / MANIFEST} is not a headwater index of format version {FORMAT_VERSION} "
+                f"(found format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+            )
+        if not manifest.get("complete"):
+            done = len(manifest.get("shards", []))
+            raise ValueError(
+                f"the index at {path} is incomplete ({done} of {manifest['n_shards']} shards, curvature "
+                f"{'done' if manifest.get('curvature') else 'missing'}); run build_index with the same "
+                "arguments again to resume it"
+            )
+        index = cls(path, manifest)
+        covered = 0
+        for entry in index.shards:
+            if entry["start"] != covered:
+                raise CorruptIndexError(
+                    f"{path / MANIFEST} has a gap or overlap at record {covered}; rebuild the index"
+                )
+            covered = entry["stop"]
+            _check_file(path / entry["file"], entry, checksum=verify)
+        if covered != index.n_records:
+            raise CorruptIndexError(f"{path / MANIFEST} covers {covered} of {index.n_records} records; rebuild it")
+        if verify:
+            index.verify()
+        return index
+
+    def verify(self) -> None:
+        """Check every file's size and sha256 against the manifest; raise CorruptIndexError naming it."""
+        for entry in self.shards:
+            _check_file(self.path / entry["file"], entry, checksum=True)
+        for side in (self.manifest["projection"], self.manifest.get("curvature") or {}):
+            if side.get("file"):
+                _check_file(self.path / side["file"], side, checksum=True)
+
+    # ---- contents ----------------------------------------------------------------------
+    def shard(self, j: int) -> torch.Tensor:
+        """Shard j's records [n_j, D] in the storage dtype, memory-mapped (no copy)."""
+        entry = self.shards[j]
+        np_dtype, t_dtype = INDEX_DTYPES[self.dtype]
+        n = entry["stop"] - entry["start"]
+        # mode="c" (copy-on-write) gives a writable view without ever writing to the file,
+        # which torch.from_numpy needs to avoid its read-only warning.
+        arr = np.memmap(self.path / entry["file"], dtype=np_dtype, mode="c", shape=(n, self.record_dim))
+        if not arr.dtype.isnative:  # big-endian host: one byte-swapped copy
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        t = torch.from_numpy(arr)
+        return t.view(t_dtype) if t.dtype != t_dtype else t
+
+    def records(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Records ``start:stop`` as float32 [n, D], assembled across shards in dataset order."""
+        stop = self.n_records if stop is None else stop
+        parts = []
+        for j, entry in enumerate(self.shards):
+            lo, hi = max(start, entry["start"]), min(stop, entry["stop"])
+            if lo < hi:
+                parts.append(self.shard(j)[lo - entry["start"] : hi - entry["start"]].float())
+        return torch.cat(parts) if parts else torch.zeros(0, self.record_dim)
+
+    def projections(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._projections is None:
+            tensors, _ = load_tensors(self.path / self.manifest["projection"]["file"])
+            self._projections = {ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in self.layers}
+        return self._projections
+
+    def curvature(self) -> dict[str, LayerCurvature]:
+        if self._curvature is None:
+            entry = self.manifest["curvature"]
+            tensors = load_tensors(self.path / entry["file"])[0] if entry.get("file") else {}
+            self._curvature = _curvature_from_tensors(entry["kind"], self.layers, tensors)
+        return self._curvature
+
+    def scan(self, q: torch.Tensor, per_layer: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Scores of preconditioned projected queries q [Q, D] against every record: [Q, N].
+
+        Shards are read through their memory maps in chunks of about 64 MiB of float32, so an
+        index larger than memory streams through the page cache.
+        """
+        q = q.to("cpu", torch.float32).contiguous()
+        n_q = q.shape[0]
+        values = torch.empty(n_q, self.n_records, dtype=torch.float32)
+        layers = {ly.name: torch.empty(n_q, self.n_records) for ly in self.layers} if per_layer else None
+        rows = max(1, _SCAN_CHUNK_BYTES // (4 * self.record_dim))
+        for j, entry in enumerate(self.shards):
+            r = self.shard(j)
+            for i in range(0, r.shape[0], rows):
+                x = r[i : i + rows]
+                x = x if x.dtype == torch.float32 else x.float()  # [n, D]
+                lo, hi = entry["start"] + i, entry["start"] + i + x.shape[0]
+                if layers is None:
+                    values[:, lo:hi] = q @ x.T
+                    continue
+                values[:, lo:hi] = 0
+                for ly in self.layers:
+                    cols = slice(ly.offset, ly.offset + ly.size)
+                    layers[ly.name][:, lo:hi] = q[:, cols] @ x[:, cols].T
+                    values[:, lo:hi] += layers[ly.name][:, lo:hi]
+        return values, layers
+
+
+# ---------------------------------------------------------------------------------------
+# Building an index
+# ---------------------------------------------------------------------------------------
+
+
+def _index_path(an: Any, path: str | Path | None) -> Path:
+    if path is not None:
+        return Path(path)
+    if getattr(an, "workdir", None) is not None:
+        return Path(an.workdir) / "index"
+    raise ValueError(
+        "the index needs a directory: pass path=..., or create the Attributor with workdir=... "
+        "(the index then lives in <workdir>/index)"
+    )
+
+
+def _encode(buf: torch.Tensor, dtype: str, name: str) -> bytes:
+    """float32 records [n, D] -> the raw little-endian bytes of a shard file."""
+    np_dtype, t_dtype = INDEX_DTYPES[dtype]
+    t = buf.to(t_dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(
+            f"projected gradients for {name} do not fit in {dtype} (largest magnitude "
+            f"{buf.abs().max().item():.3g}); rebuild with dtype='bfloat16' or dtype='float32'"
+        )
+    arr = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
+    return arr.astype(np.dtype(np_dtype), copy=False).tobytes()
+
+
+def _write_shard(path: Path, data: bytes, start: int, stop: int) -> dict:
+    """Write one shard atomically and return its manifest entry."""
+    atomic_write_bytes(path, data)
+    return {
+        "file": path.name,
+        "start": start,
+        "stop": stop,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def _record_pass(
+    an: Any, data: _Slice, batch_size: int, projector: _Projector, layout: list[IndexLayer]
+) -> torch.Tensor:
+    """Projected training gradients of ``data`` as float32 records [n, D], in dataset order."""
+    buf = torch.zeros(len(data), layout[-1].offset + layout[-1].size, dtype=torch.float32)
+    where = {ly.name: slice(ly.offset, ly.offset + ly.size) for ly in layout}
+
+    def consume(c: LayerCapture, lo: int, first: bool) -> None:
+        r = projector.records(c)  # [N, k_out, k_in]
+        buf[lo : lo + r.shape[0], where[c.name]] = r.reshape(r.shape[0], -1).to("cpu", torch.float32)
+
+    local = {"shard": False} if _stream_is_sharded(an) else {}
+    name = f"training data[{data.start}:{data.stop}]"
+    loss = lambda b: [an.task.loss(an.model, b, sample=False)]  # noqa: E731 - the engine's scoring loss
+    an._stream(data, batch_size, name, loss, consume, "index records", **local)
+    return buf
+
+
+def _done_shards(path: Path, manifest: dict, mine: set[int]) -> dict[int, dict]:
+    """Shards (of those in ``mine``) already on disk and intact: manifest entries and rank sidecars."""
+    entries = {e["start"]: e for e in manifest["shards"]}
+    for side in path.glob("shard-*.entry.json"):
+        e = load_json(side)
+        entries.setdefault(e["start"], e)
+    out = {}
+    for e in entries.values():
+        j = e["start"] // manifest["shard_size"]
+        if j not in mine:
+            continue
+        try:
+            _check_file(path / e["file"], e, checksum=True)
+        except CorruptIndexError:
+            continue  # rebuilt below
+        out[j] = e
+    return out
+
+
+def _prepare(path: Path, config: dict, overwrite: bool, projections: Any) -> None:
+    """Create or validate the index directory; write the initial manifest and the projections."""
+    path.mkdir(parents=True, exist_ok=True)
+    manifest_path = path / MANIFEST
+    if manifest_path.exists():
+        old = load_json(manifest_path)
+        old_proj = old.get("projection") or {}
+        old = {**old, "projection": {k: old_proj.get(k) for k in config["projection"]}}
+        diff = [k for k in config if old.get(k) != config[k]]
+        if not diff:
+            _check_file(path / old_proj["file"], old_proj, checksum=True)
+            return
+        if not overwrite:
+            k = diff[0]
+            also = f" (also differs: {', '.join(diff[1:])})" if len(diff) > 1 else ""
+            raise ValueError(
+                f"the index at {path} was built with {k}={_short(old.get(k))} but this build has "
+                f"{k}={_short(config[k])}{also}; use another path, or pass overwrite=True to replace it"
+            )
+        for e in old.get("shards", []):
+            (path / e["file"]).unlink(missing_ok=True)
+        for f in (*path.glob("shard-*"), path / CURVATURE_FILE, path / PROJECTIONS_FILE):
+            f.unlink(missing_ok=True)
+    tensors = {}
+    for name, (p_out, p_in) in projections().items():
+        tensors[f"{name}::out"], tensors[f"{name}::in"] = p_out, p_in
+    save_tensors(path / PROJECTIONS_FILE, tensors, {"kind": config["projection"]["kind"]})
+    proj_file = path / PROJECTIONS_FILE
+    projection = {**config["projection"], "file": PROJECTIONS_FILE, "bytes": proj_file.stat().st_size,
+                  "sha256": _sha256_file(proj_file)}  # fmt: skip
+    save_json(manifest_path, {**config, "projection": projection, "headwater": __version__, "shards": [],
+                              "curvature": None, "complete": False})  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def build_index(
+    attributor: Any,
+    train: Any,
+    dim: int = DEFAULT_DIM,
+    batch_size: int = 8,
+    path: str | Path | None = None,
+    projection: str = "gaussian",
+    dtype: str = "float16",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    curvature: str = "auto",
+    curvature_data: Any = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+) -> GradientIndex:
+    """Write one projected-gradient record per training sequence, then fit the projected curvature.
+
+    Parameters
+    ----------
+    attributor : Attributor
+        Supplies the model, task, tracked layers, ``fisher`` and ``seed``. Only
+        ``projection="kfac"`` needs it fitted.
+    train : dataset
+        Records follow its order: score column j is example j.
+    dim : int
+        Projection size per side and layer: ``k_in = min(dim, I)``, ``k_out = min(dim, O)``.
+    path : path or None
+        The index directory; default ``<attributor.workdir>/index``.
+    projection : {"gaussian", "rademacher", "orthogonal", "kfac"}
+    dtype : {"float16", "bfloat16", "float32"}
+        Storage precision of the records (curvature and projections stay float64).
+    shard_size : int
+        Records per shard file: the unit of resumption and of work per rank.
+    curvature : {"auto", "dense", "ekfac", "kfac", "identity"}
+        Preconditioner in the projected space; "auto" is "dense" while every layer has at most
+        4096 projected coordinates, else "ekfac".
+    curvature_data : dataset or None
+        Data for the curvature pass(es); default ``train``. A subset makes the build cheaper.
+    seed : int or None
+        Seeds random projections; default the attributor's seed.
+    overwrite : bool
+        Replace an index at ``path`` that was built with other settings or data.
+
+    Resuming: the manifest is rewritten after every shard. Calling ``build_index`` again with
+    the same arguments checks the finished shards (size and sha256), rebuilds missing or
+    damaged ones, and produces the same bytes as an uninterrupted build. Under
+    ``torch.distributed`` rank r builds shards r, r + world, ...; rank 0 writes the manifest.
+    """
+    an = attributor
+    train = check_data(train, "training data")
+    batch_size = check_batch_size(batch_size)
+    dim = _check_positive_int(dim, "dim")
+    shard_size = _check_positive_int(shard_size, "shard_size")
+    projection = _check_choice(projection, "projection", PROJECTIONS)
+    dtype = _check_choice(dtype, "dtype", tuple(INDEX_DTYPES))
+    curvature = _check_choice(curvature, "curvature", INDEX_CURVATURES)
+    seed = an.seed if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    cdata = train if curvature_data is None else check_data(curvature_data, "curvature_data")
+    path = _index_path(an, path)
+    layout = _layout(an.layers, dim)
+    if curvature == "auto":
+        curvature = "dense" if max(ly.size for ly in layout) <= DENSE_MAX else "ekfac"
+    elif curvature == "dense" and max(ly.size for ly in layout) > DENSE_MAX:
+        big = max(layout, key=lambda ly: ly.size)
+        raise ValueError(
+            f"curvature='dense' needs k_out*k_in <= {DENSE_MAX} per layer, but layer {big.name!r} has "
+            f"{big.k_out}x{big.k_in}; lower dim or use curvature='ekfac'"
+        )
+    n = len(train)
+    n_shards = (n + shard_size - 1) // shard_size
+    train_fp = fingerprint(train)
+    config = {  # what must match for a resume; the first difference is reported, so user choices come first
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": model_fingerprint(an.model),
+        "data_fingerprint": train_fp,
+        "projection": {"kind": projection, "seed": seed, "dim": dim},
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "curvature_kind": curvature,
+        "curvature_data_fingerprint": train_fp if curvature_data is None else fingerprint(cdata),
+        "task": type(an.task).__name__,
+        "fisher": an.fisher,
+        "layers": [ly.as_json() for ly in layout],
+        "n_records": n,
+        "record_dim": layout[-1].offset + layout[-1].size,
+        "n_shards": n_shards,
+        "byte_order": "little",
+    }
+    rank, world = _rank_world()
+    if rank == 0:
+        _prepare(path, config, overwrite, lambda: make_projections(an, layout, projection, seed))
+    _barrier()
+    manifest = load_json(path / MANIFEST)
+    tensors, _ = load_tensors(path / PROJECTIONS_FILE)
+    projector = _Projector({ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in layout})
+
+    # ---- records: shard j on rank j % world ------------------------------------------------
+    mine = {j for j in range(n_shards) if j % world == rank}
+    done = _done_shards(path, manifest, mine)
+    for j in sorted(mine - set(done)):
+        start, stop = j * shard_size, min(n, (j + 1) * shard_size)
+        buf = _record_pass(an, _Slice(train, start, stop), batch_size, projector, layout)
+        file = path / f"shard-{j:05d}.bin"
+        entry = _write_shard(file, _encode(buf, dtype, file.name), start, stop)
+        done[j] = entry
+        if world == 1:  # the manifest is the progress record
+            manifest["shards"] = sorted(done.values(), key=lambda e: e["start"])
+            save_json(path / MANIFEST, manifest)
+        else:  # ranks must not race on one file: a sidecar per shard, merged by rank 0
+            save_json(path / f"shard-{j:05d}.entry.json", entry)
+    _barrier()
+    if rank == 0 and world > 1:
+        entries = {e["start"]: e for e in manifest["shards"]}
+        sidecars = sorted(path.glob("shard-*.entry.json"))
+        for side in sidecars:
+            e = load_json(side)
+            entries[e["start"]] = e
+        manifest["shards"] = sorted(entries.values(), key=lambda e: e["start"])
+        save_json(path / MANIFEST, manifest)
+        for side in sidecars:
+            side.unlink()
+    _barrier()
+
+    # ---- projected curvature ------------------------------------------------------------------
+    manifest = load_json(path / MANIFEST)
+    entry = manifest.get("curvature")
+    if entry is not None and entry.get("file"):
+        try:
+            _check_file(path / entry["file"], entry, checksum=True)
+        except CorruptIndexError:
+            entry = None
+    if entry is None:
+        curv = _fit_projected_curvature(an, cdata, batch_size, projector, layout, curvature)
+        if rank == 0:
+            entry = {"kind": curvature}
+            tensors = {f"{ly.name}::{k}": v for ly in layout for k, v in curv[ly.name].tensors().items()}
+            if tensors:
+                save_tensors(path / CURVATURE_FILE, tensors, {"kind": curvature})
+                entry.update(file=CURVATURE_FILE, bytes=(path / CURVATURE_FILE).stat().st_size,
+                             sha256=_sha256_file(path / CURVATURE_FILE))  # fmt: skip
+            manifest["curvature"] = entry
+    if rank == 0:
+        manifest["complete"] = True
+        save_json(path / MANIFEST, manifest)
+    _barrier()
+    return GradientIndex.open(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Querying
+# ---------------------------------------------------------------------------------------
+
+
+def _damping(curvature: dict[str, LayerCurvature], damping: float | None) -> dict[str, float]:
+    if damping is None:
+        return {n: op.default_damping() for n, op in curvature.items()}
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+        raise ValueError(f"damping must be None or a non-negative number, got {damping!r}")
+    return {n: float(damping) for n in curvature}
+
+
+def _open(an: Any, index: str | Path | GradientIndex | None, verify: bool) -> GradientIndex:
+    if isinstance(index, GradientIndex):
+        return index
+    return GradientIndex.open(_index_path(an, index), verify=verify)
+
+
+def query_gradients(
+    attributor: Any, queries: Any, index: GradientIndex, batch_size: int = 8, damping: float | None = None
+) -> torch.Tensor:
+    """Preconditioned projected query gradients ``(G_p + lambda I)^-1 r_q``, float64 [Q, D].
+
+    Raises ValueError when the attributor's model or tracked layers are not the ones the
+    index was built for: its records would be meaningless against these queries.
+    """
+    an = attributor
+    queries = check_data(queries, "queries")
+    batch_size = check_batch_size(batch_size)
+    fp = model_fingerprint(an.model)
+    if index.manifest["model_fingerprint"] != fp:
+        raise ValueError(
+            f"the index at {index.path} was built for another model (fingerprint "
+            f"{index.manifest['model_fingerprint']}, this model {fp}); rebuild it with build_index"
+        )
+    names = [ly.name for ly in index.layers]
+    if names != list(an.layers):
+        raise ValueError(
+            f"the index at {index.path} tracks layers {names[:4]}{'...' if len(names) > 4 else ''} but this "
+            f"Attributor tracks {list(an.layers)[:4]}; create the Attributor with the same modules"
+        )
+    curvature = index.curvature()
+    lam = _damping(curvature, damping)
+    projector = _Projector(index.projections())
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def consume(c: LayerCapture, lo: int, first: bool) -> None:
+        r = projector.records(c).double()  # precondition in float64: once per query, cheap
+        p = curvature[c.name].solve(r, lam[c.name])
+        parts[c.name].append(check_finite(p, c.name, "preconditioned query gradient").reshape(p.shape[0], -1).cpu())
+
+    local = {"shard": False} if _stream_is_sharded(an) else {}
+    measure = lambda b: [an.task.measurement(an.model, b)]  # noqa: E731
+    an._stream(queries, batch_size, "queries", measure, consume, "index query gradients", **local)
+    return torch.cat([torch.cat(parts[n]) for n in names], dim=1)
+
+
+def query_index(
+    attributor: Any,
+    queries: Any,
+    index_path: str | Path | GradientIndex | None = None,
+    top_k: int | None = None,
+    batch_size: int = 8,
+    damping: float | None = None,
+    per_layer: bool = False,
+    verify: bool = True,
+    use_faiss: bool = False,
+) -> Scores:
+    """Influence of every indexed training sequence on every query, from the index alone.
+
+    Returns ``Scores`` with values [Q, N] (and per_layer if asked), like ``Attributor.scores``;
+    ``top_k`` also stores the top-k in ``meta["top"]`` (indices and scores as lists).
+    ``damping`` is per layer in the projected space: None applies 0.1 x the mean eigenvalue of
+    the projected curvature. ``verify`` checks shard checksums (once per process and file).
+
+    ``use_faiss`` answers ``top_k`` with a FAISS inner-product index over the records
+    (``pip install faiss-cpu``) instead of a full scan; only the top-k entries of ``values``
+    are filled, the rest are -inf.
+    """
+    index = _open(attributor, index_path, verify)
+    if top_k is not None:
+        top_k = _check_positive_int(top_k, "top_k")
+    q = query_gradients(attributor, queries, index, batch_size, damping)
+    meta = {
+        "index": str(index.path),
+        "projection": index.manifest["projection"]["kind"],
+        "dim": index.manifest["projection"]["dim"],
+        "curvature": index.manifest["curvature"]["kind"],
+        "damping": _damping(index.curvature(), damping),
+    }
+    if use_faiss:
+        if top_k is None or per_layer:
+            raise ValueError("use_faiss=True answers top-k only: pass top_k=..., and per_layer=False")
+        values = _faiss_scores(index, q, top_k)
+        per_layer_values = None
+    else:
+        values, per_layer_values = index.scan(q, per_layer)
+    res = Scores(values, per_layer_values, None, meta)
+    if top_k is not None:
+        top = res.top(top_k)
+        meta["top"] = {"k": top_k, "indices": top.indices.tolist(), "scores": top.values.tolist()}
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# Optional FAISS search
+# ---------------------------------------------------------------------------------------
+
+FAISS_FILE = "faiss-ip.index"
+
+
+def _faiss_scores(index: GradientIndex, q: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Top-k inner products through FAISS, as a [Q, N] tensor that is -inf off the top-k.
+
+    The FAISS index (exact inner product, ``IndexFlatIP``) is built once from the shards and
+    saved next to them with FAISS's own writer; it is rebuilt when the manifest changes.
+    """
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("use_faiss=True needs FAISS: pip install faiss-cpu (or faiss-gpu)") from e
+    key = hashlib.sha256(repr(index.shards).encode()).hexdigest()[:16]
+    file = index.path / f"{FAISS_FILE}.{key}"
+    if file.exists():
+        fidx = faiss.read_index(str(file))
+    else:
+        fidx = faiss.IndexFlatIP(index.record_dim)
+        for j in range(len(index.shards)):
+            fidx.add(np.ascontiguousarray(index.shard(j).float().numpy()))
+        tmp = file.with_name(f".{file.name}.part")
+        faiss.write_index(fidx, str(tmp))
+        os.replace(tmp, file)
+    k = min(top_k, index.n_records)
+    sims, ids = fidx.search(np.ascontiguousarray(q.to(torch.float32).numpy()), k)
+    values = torch.full((q.shape[0], index.n_records), -math.inf)
+    values.scatter_(1, torch.from_numpy(ids).long(), torch.from_numpy(sims))
+    return values
