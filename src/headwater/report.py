@@ -1,0 +1,381 @@
+"""The influence report: one self-contained HTML file (inline CSS and SVG, no scripts, no fetches).
+
+    headwater report runs/a        # rebuilds runs/a/report.html from results.jsonl + scores
+
+Layout: a summary (run settings, then one row per query) followed by one section per query
+with the prompt and completion, a per-layer bar chart, the score distribution on log-log
+axes, and the top-k most positive and most negative training sequences as token heatmaps.
+
+Token colours use one symmetric diverging scale per query (red raises the completion's
+probability, blue lowers it), so sequences of the same query compare at a glance; the exact
+value of each token shows on hover. Charts are drawn here as SVG so the file opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["render_report", "color", "POSITIVE", "NEGATIVE"]
+
+POSITIVE = (202, 0, 32)  # red: upweighting this raises the completion's log-probability
+NEGATIVE = (5, 113, 176)  # blue: lowers it
+WHITE = (255, 255, 255)
+
+CSS = """
+:root { --pos: rgb(202,0,32); --neg: rgb(5,113,176); --ink: #1d2330; --muted: #5d6677; --line: #dde1e8; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
+       margin: 0; background: #f6f7f9; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 64px; }
+h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 0 0 10px; }
+h3 { font-size: 15px; margin: 18px 0 8px; color: var(--muted); font-weight: 600; }
+.sub { color: var(--muted); margin: 0 0 20px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 18px 20px;
+          margin: 0 0 22px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-weight: 600; color: var(--muted); white-space: nowrap; }
+table.settings th { width: 190px; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; }
+.query-text { font-size: 16px; padding: 10px 12px; background: #f3f5f8; border-radius: 6px; margin-bottom: 14px;
+              white-space: pre-wrap; }
+.query-text .completion { background: #fde2d4; border-bottom: 2px solid var(--pos); }
+.charts { display: flex; flex-wrap: wrap; gap: 18px; }
+figure { margin: 0; } figcaption { color: var(--muted); font-size: 12px; margin-top: 2px; max-width: 460px; }
+svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
+.legend { display: flex; align-items: center; gap: 10px; margin: 14px 0 4px; color: var(--muted); font-size: 12px; }
+ol.seqs { list-style: none; padding: 0; margin: 0; }
+li.seq { padding: 8px 0 10px; border-bottom: 1px solid var(--line); }
+.seq-meta { display: flex; gap: 12px; align-items: baseline; margin-bottom: 4px; font-size: 12.5px;
+            color: var(--muted); }
+.seq-meta .score { font-weight: 600; color: var(--ink); font-variant-numeric: tabular-nums; }
+.badge { font-size: 11px; padding: 1px 6px; border-radius: 9px; background: #e3f4e6; color: #1f6b2e;
+         border: 1px solid #a9d8b2; }
+.heatmap { white-space: pre-wrap; word-break: break-word; font-size: 13px; line-height: 1.75;
+           font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.tok { position: relative; border-radius: 2px; padding: 1px 0; cursor: default; }
+.tok:hover { outline: 1.5px solid var(--ink); z-index: 2; }
+.tok:hover::after { content: attr(data-v); position: absolute; left: 0; top: -1.9em; white-space: nowrap;
+                    background: var(--ink); color: #fff; font-size: 11px; padding: 1px 5px; border-radius: 3px;
+                    z-index: 3; }
+a { color: #2457a6; text-decoration: none; } a:hover { text-decoration: underline; }
+.pos { color: var(--pos); } .neg { color: var(--neg); }
+.empty { color: var(--muted); font-style: italic; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def color(value: float, vmax: float) -> tuple[int, int, int]:
+    """Diverging colour: white at 0, full red at +vmax, full blue at -vmax."""
+    if vmax <= 0 or not math.isfinite(value):
+        return WHITE
+    t = min(1.0, abs(value) / vmax)
+    end = POSITIVE if value > 0 else NEGATIVE
+    return tuple(round(w + (c - w) * t) for w, c in zip(WHITE, end))  # type: ignore[return-value]
+
+
+def _hex(rgb: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return f"{v:+.3g}"
+
+
+# ---------------------------------------------------------------------------------------
+# SVG charts
+# ---------------------------------------------------------------------------------------
+
+
+def _short_layer(name: str) -> str:
+    parts = [p for p in name.split(".") if p not in ("transformer", "model", "layers", "h", "mlp")]
+    return ".".join(parts[-2:]) if parts else name
+
+
+def layer_chart(names: list[str], top: dict[str, float], bottom: dict[str, float], k: int) -> str:
+    """Grouped bars per layer, first to last: summed influence of the top-k and bottom-k sequences."""
+    w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 10, 14, 58
+    n = max(1, len(names))
+    vals = [top.get(x, 0.0) for x in names] + [bottom.get(x, 0.0) for x in names] + [0.0]
+    lo, hi = min(vals), max(vals)
+    if hi == lo:
+        hi = lo + 1.0
+    ph = h - top_pad - bottom_pad
+    y = lambda v: top_pad + (hi - v) / (hi - lo) * ph  # noqa: E731
+    slot = (w - left - right) / n
+    bw = max(1.0, min(18.0, slot * 0.38))
+    out = [f'<svg class="chart layer-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+           f'aria-label="per-layer influence">']  # fmt: skip
+    for v in _nice_ticks(lo, hi):
+        yy = y(v)
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eceff3"/>')
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{_e(_tick(v))}</text>')
+    y0 = y(0.0)
+    label_every = max(1, math.ceil(n / 16))
+    for i, name in enumerate(names):
+        cx = left + slot * (i + 0.5)
+        for j, (v, cls, fill) in enumerate(
+            ((top.get(name, 0.0), "bar-top", _hex(POSITIVE)), (bottom.get(name, 0.0), "bar-bottom", _hex(NEGATIVE)))
+        ):
+            x = cx - bw + j * bw
+            y1, y2 = sorted((y(v), y0))
+            out.append(
+                f'<rect class="bar {cls}" x="{x:.1f}" y="{y1:.1f}" width="{bw:.1f}" height="{max(0.5, y2 - y1):.1f}" '
+                f'fill="{fill}"><title>{_e(name)} ({"top" if j == 0 else "bottom"} {k}): {v:+.4g}</title></rect>'
+            )
+        if i % label_every == 0:
+            out.append(
+                f'<text x="{cx:.1f}" y="{h - bottom_pad + 12}" text-anchor="end" '
+                f'transform="rotate(-35 {cx:.1f} {h - bottom_pad + 12})">{_e(_short_layer(name))}</text>'
+            )
+    out.append(f'<line x1="{left}" x2="{w - right}" y1="{y0:.1f}" y2="{y0:.1f}" stroke="#8a93a3"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    span = hi - lo
+    step = 10 ** math.floor(math.log10(span / n)) if span > 0 else 1.0
+    for m in (1, 2, 5, 10):
+        if span / (step * m) <= n:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    ticks, v = [], start
+    while v <= hi + 1e-12 * span:
+        ticks.append(0.0 if abs(v) < step * 1e-9 else v)
+        v += step
+    return ticks
+
+
+def _tick(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _log_sample(n: int, max_points: int = 240) -> list[int]:
+    """Ranks 1..n spaced evenly in log space (all of them when n is small)."""
+    if n <= max_points:
+        return list(range(1, n + 1))
+    pts = {max(1, min(n, round(10 ** (math.log10(n) * i / (max_points - 1))))) for i in range(max_points)}
+    return sorted(pts)
+
+
+def distribution_chart(values: Sequence[float]) -> str:
+    """|score| against its rank on log-log axes, positive and negative scores separately.
+
+    Influence over a training set is heavy-tailed (Grosse et al. 2023 find a power law), so a
+    straight-ish line here means a few sequences carry most of the influence.
+    """
+    w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 14, 14, 40
+    pos = sorted((v for v in values if v > 0), reverse=True)
+    neg = sorted((-v for v in values if v < 0), reverse=True)
+    out = [f'<svg class="chart dist-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+           f'aria-label="score distribution, log-log">']  # fmt: skip
+    if not pos and not neg:
+        out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">all scores are zero</text></svg>')
+        return "".join(out)
+    ys = pos + neg
+    lx0, lx1 = 0.0, math.log10(max(len(pos), len(neg), 2))
+    ly0, ly1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+    if ly1 == ly0:
+        ly1 += 1
+    pw, ph = w - left - right, h - top_pad - bottom_pad
+    fx = lambda r: left + (math.log10(r) - lx0) / (lx1 - lx0) * pw  # noqa: E731
+    fy = lambda v: top_pad + (ly1 - math.log10(v)) / (ly1 - ly0) * ph  # noqa: E731
+    step_y = max(1, math.ceil((ly1 - ly0) / 6))
+    for d in range(int(ly0), int(ly1) + 1, step_y):
+        yy = fy(10.0**d)
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eceff3"/>')
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">1e{d}</text>')
+    for d in range(0, int(math.floor(lx1)) + 1):
+        xx = fx(10**d)
+        out.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top_pad}" y2="{h - bottom_pad}" stroke="#eceff3"/>')
+        out.append(f'<text x="{xx:.1f}" y="{h - bottom_pad + 14}" text-anchor="middle">{10**d:g}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{h - 6}" text-anchor="middle">rank</text>')
+    out.append(
+        f'<text x="12" y="{top_pad + ph / 2}" text-anchor="middle" transform="rotate(-90 12 {top_pad + ph / 2})">'
+        "|score|</text>"
+    )
+    both = ((pos, "series-pos", POSITIVE, "positive"), (neg, "series-neg", NEGATIVE, "negative"))
+    for series, cls, rgb, label in both:
+        if not series:
+            continue
+        pts = " ".join(f"{fx(r):.1f},{fy(series[r - 1]):.1f}" for r in _log_sample(len(series)))
+        out.append(
+            f'<polyline class="series {cls}" fill="none" stroke="{_hex(rgb)}" stroke-width="1.8" points="{pts}">'
+            f"<title>{label} scores: {len(series)}</title></polyline>"
+        )
+    lx = w - right - 110
+    out.append(f'<rect x="{lx}" y="{top_pad + 2}" width="10" height="10" fill="{_hex(POSITIVE)}"/>')
+    out.append(f'<text x="{lx + 14}" y="{top_pad + 11}">positive ({len(pos)})</text>')
+    out.append(f'<rect x="{lx}" y="{top_pad + 18}" width="10" height="10" fill="{_hex(NEGATIVE)}"/>')
+    out.append(f'<text x="{lx + 14}" y="{top_pad + 27}">negative ({len(neg)})</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def legend(vmax: float, gid: str = "lg") -> str:
+    """The heatmap's colour scale, -vmax .. +vmax, as an SVG gradient bar with labels."""
+    stops = "".join(
+        f'<stop offset="{i / 10:.1f}" stop-color="{_hex(color(vmax * (i - 5) / 5, vmax))}"/>' for i in range(11)
+    )
+    return (
+        '<div class="legend"><span>per-token influence</span>'
+        f'<span class="neg mono">{_fmt(-vmax)}</span>'
+        f'<svg class="legend-bar" width="220" height="14" viewBox="0 0 220 14"><defs><linearGradient id="{gid}">'
+        f'{stops}</linearGradient></defs>'
+        f'<rect width="220" height="14" rx="3" fill="url(#{gid})" stroke="#c8cdd6"/></svg>'
+        f'<span class="pos mono">{_fmt(vmax)}</span>'
+        "<span>red raises the completion's probability, blue lowers it; a token is coloured by the "
+        "influence of the position that predicts it (hover for the value)</span></div>"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+def heatmap(tokens: list[str], scores: list[float], vmax: float) -> str:
+    spans = []
+    for piece, v in zip(tokens, scores):
+        rgb = color(v, vmax)
+        ink = "#fff" if min(1.0, abs(v) / vmax if vmax > 0 else 0) > 0.6 else "inherit"
+        label = f"{v:+.3g}"
+        spans.append(
+            f'<span class="tok" style="background:{_hex(rgb)};color:{ink}" data-v="{label}" '
+            f'title="{_e(repr(piece))}: {label}">{_e(piece)}</span>'
+        )
+    return f'<div class="heatmap">{"".join(spans)}</div>'
+
+
+def _sequence(entry: dict, vmax: float, relevant: set[int]) -> str:
+    badge = '<span class="badge">states the fact</span>' if entry["index"] in relevant else ""
+    return (
+        f'<li class="seq"><div class="seq-meta"><span class="score">{_fmt(entry["score"])}</span>'
+        f'<span>training #{entry["index"]}</span>{badge}</div>'
+        f'{heatmap(entry.get("tokens") or [], entry.get("token_scores") or [], vmax)}</li>'
+    )
+
+
+def _query_section(r: dict, values: Sequence[float], layers: list[str]) -> str:
+    q = r["query"]
+    shown = (r.get("top") or []) + (r.get("bottom") or [])
+    vmax = max((abs(v) for e in shown for v in (e.get("token_scores") or [])), default=0.0)
+    relevant = set(r.get("relevant") or [])
+    k = len(r.get("top") or [])
+    stats = r.get("stats") or {}
+    recall = ""
+    if r.get("recall") is not None:
+        recall = f" &middot; recall@{r.get('recall_k', k)} = {r['recall']:.2f}"
+    names = layers or list(r.get("per_layer_top") or {})
+    parts = [
+        f'<section class="query" id="q{q}"><h2>Query {q + 1}</h2>',
+        f'<div class="query-text"><span class="prompt">{_e(r["prompt"])}</span>'
+        f'<span class="completion">{_e(r["completion"])}</span></div>',
+        f'<p class="sub">{stats.get("positive", "?")} of {stats.get("n", "?")} training sequences raise the '
+        f"completion's probability{recall}</p>",
+        '<div class="charts"><figure>',
+        layer_chart(names, r.get("per_layer_top") or {}, r.get("per_layer_bottom") or {}, k),
+        f"<figcaption>Per-layer influence, first to last layer: the summed score of the top {k} "
+        f"(red) and bottom {k} (blue) sequences by layer.</figcaption></figure><figure>",
+        distribution_chart(values),
+        "<figcaption>Score distribution over the training set: |score| by rank, log-log.</figcaption>",
+        "</figure></div>",
+        legend(vmax, f"lg{q}"),
+        f"<h3>Most positive: top {k}</h3><ol class='seqs top'>",
+        "".join(_sequence(e, vmax, relevant) for e in r.get("top") or []) or "<li class='empty'>none</li>",
+        f"</ol><h3>Most negative: bottom {len(r.get('bottom') or [])}</h3><ol class='seqs bottom'>",
+        "".join(_sequence(e, vmax, relevant) for e in r.get("bottom") or []) or "<li class='empty'>none</li>",
+        '</ol><p><a href="#summary">back to the summary</a></p></section>',
+    ]
+    return "".join(parts)
+
+
+def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
+    damping = meta.get("damping") or {}
+    if meta.get("damping_arg") is not None:
+        damp = f"{meta['damping_arg']:g} (absolute, every layer)"
+    elif isinstance(damping, dict) and damping:
+        vals = list(damping.values())
+        damp = f"0.1 x mean eigenvalue per layer: {min(vals):.3g} .. {max(vals):.3g}"
+    else:
+        damp = "0.1 x mean eigenvalue per layer"
+    layers = meta.get("layers") or settings.get("layers") or []
+    rows = [
+        ("Model", settings.get("model", "?")),
+        ("Tokenizer", settings.get("tokenizer", "?")),
+        ("Training data", f"{meta.get('data') or settings.get('data')} ({meta.get('n_train', settings.get('n_train'))}"
+                          f" sequences, fingerprint {meta.get('data_fingerprint', settings.get('data_fingerprint'))})"),
+        ("Fitted on", f"{settings.get('data')} (sha256 {settings.get('data_sha256')})"),
+        ("Max length", settings.get("max_length")),
+        ("Strategy", f"{settings.get('strategy')} (fisher: {settings.get('fisher')})"),
+        ("Layers", f"{len(layers)}: " + ", ".join(layers)),
+        ("Damping", damp),
+        ("Query rank", meta.get("query_rank") or "full (exact)"),
+        ("Top-k", meta.get("top_k")),
+        ("Per-token scores", "saved for every sequence" if meta.get("per_token") else "for the shown sequences"),
+        ("Queries file", meta.get("queries_file", "?")),
+        ("headwater", f"{meta.get('headwater', settings.get('headwater'))}; fitted {settings.get('created')}, "
+                      f"scored {meta.get('created')}"),
+    ]  # fmt: skip
+    return [(k, str(v)) for k, v in rows]
+
+
+def render_report(results: list[dict], values: Any, settings: dict, meta: dict) -> str:
+    """The whole report as one HTML string. ``values`` is the [Q, N] score matrix."""
+    rows = [list(map(float, values[q].tolist())) for q in range(len(results))]
+    layers = list(meta.get("layers") or settings.get("layers") or [])
+    title = meta.get("title") or "headwater report"
+    recalls = [r["recall"] for r in results if r.get("recall") is not None]
+    recall_line = ""
+    if recalls:
+        k = results[0].get("recall_k", meta.get("top_k"))
+        recall_line = (
+            f"<p><b>recall@{k} = {sum(recalls) / len(recalls):.3f}</b> (mean over {len(recalls)} queries of the "
+            "share of known relevant sequences in the top k)</p>"
+        )
+    settings_html = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in _settings_rows(settings, meta))
+    q_rows = []
+    for r in results:
+        best = (r.get("top") or [{}])[0]
+        text = best.get("text", "")
+        text = text if len(text) <= 90 else text[:87] + "..."
+        rec = f"{r['recall']:.2f}" if r.get("recall") is not None else "-"
+        q_rows.append(
+            f'<tr><td class="num"><a href="#q{r["query"]}">{r["query"] + 1}</a></td><td>{_e(r["prompt"])}'
+            f'<b>{_e(r["completion"])}</b></td><td class="num">{_fmt(best.get("score"))}</td>'
+            f'<td>{_e(text)}</td><td class="num">{rec}</td></tr>'
+        )
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="sub">Influence of training sequences on {len(results)} queries &middot; generated {generated}. '
+        "A positive score means upweighting that training sequence raises the log-probability of the "
+        "query's completion.</p>",
+        '<section id="summary"><h2>Summary</h2>',
+        recall_line,
+        f'<table class="settings">{settings_html}</table>',
+        '<h3>Queries</h3><table class="queries"><thead><tr><th class="num">#</th><th>prompt + completion</th>'
+        '<th class="num">top score</th><th>most influential training sequence</th><th class="num">recall</th>'
+        f'</tr></thead><tbody>{"".join(q_rows)}</tbody></table></section>',
+        "".join(_query_section(r, rows[i], layers) for i, r in enumerate(results)),
+        "</main></body></html>",
+    ]
+    return "\n".join(body)
