@@ -238,7 +238,7 @@ def test_analyze_workdir_round_trip(tmp_path):
     assert analyze_workdir(tmp_path, n_blocks=3)["layers"]["blocks"] == [[n] for n in order]
     mask = torch.zeros(3, 400, dtype=torch.bool)
     mask[:, :50] = True  # as candidate filtering saves it: only these entries were scored
-    save_tensors(tmp_path / "scores.safetensors", {**scores.tensors(), "candidate_mask": mask})
+    save_tensors(tmp_path / "scores.safetensors", {**scores.tensors(), "mask": mask})
     res = analyze_workdir(tmp_path)
     assert [r["n_scored"] for r in res["sparsity"]["per_query"]] == [50, 50, 50]
     assert all(i < 50 for top in res["cross_query"]["top"] for i in top)

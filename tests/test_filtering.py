@@ -117,7 +117,7 @@ def test_filtered_scores_equal_exact_scores_restricted_to_candidates():
     mask = torch.zeros_like(exact.values, dtype=torch.bool)
     for q, c in enumerate(chosen):
         mask[q, torch.from_numpy(c)] = True
-    assert torch.equal(res.meta["candidate_mask"], mask)
+    assert torch.equal(res.mask, mask)
     assert res.meta["candidates"] == 5 and int(mask.sum()) == 15
     zero = torch.zeros((), dtype=exact.values.dtype)
     torch.testing.assert_close(res.values, torch.where(mask, exact.values, zero))
@@ -161,3 +161,13 @@ def test_scores_with_candidates_checks_its_index():
         scores_with_candidates(an, queries, train, 2, index=[[1]])
     with pytest.raises(ValueError, match="candidates must be"):
         scores_with_candidates(an, queries, train, 0)
+
+
+def test_attributor_candidates_argument_ranks_only_candidates():
+    an, train, queries, exact, res = _scores_on_candidates(per_token=False)
+    via_api = an.scores(queries, train, batch_size=4, per_layer=True, candidates=5)
+    torch.testing.assert_close(via_api.values, res.values)
+    top = via_api.top(8)  # more than the 5 candidates: the rest are -inf, never a non-candidate's 0
+    for q in range(len(queries)):
+        picked = top.indices[q][torch.isfinite(top.values[q])]
+        assert picked.numel() == 5 and via_api.mask[q, picked].all()

@@ -233,12 +233,14 @@ def sparsity(
             fit = asdict(fit_power_law(row, min_tail=min_tail, bootstrap=bootstrap, seed=seed))
         except ValueError:
             fit = None
-        out.append({
-            "top1pct_share": top_share(row),
-            "n_scored": int(row.shape[0]),
-            "n_positive": int((row > 0).sum()),
-            "power_law": fit,
-        })
+        out.append(
+            {
+                "top1pct_share": top_share(row),
+                "n_scored": int(row.shape[0]),
+                "n_positive": int((row > 0).sum()),
+                "power_law": fit,
+            }
+        )
     shares = [r["top1pct_share"] for r in out if r["top1pct_share"] is not None]
     alphas = [r["power_law"]["alpha"] for r in out if r["power_law"] is not None]
     return {
@@ -373,14 +375,16 @@ def token_structure(
                 continue  # fewer candidates than k
             a = pt[q, i].abs()
             l1 = float(a.sum())
-            rows.append({
-                "index": i,
-                "score": v,
-                "ratio": float(ratio[q, i]),
-                "flagged": bool(ratio[q, i] > threshold),
-                "top_token": int(a.argmax()),
-                "top_token_share": float(a.max() / l1) if l1 > 0 else None,
-            })
+            rows.append(
+                {
+                    "index": i,
+                    "score": v,
+                    "ratio": float(ratio[q, i]),
+                    "flagged": bool(ratio[q, i] > threshold),
+                    "top_token": int(a.argmax()),
+                    "top_token_share": float(a.max() / l1) if l1 > 0 else None,
+                }
+            )
         flagged += sum(r["flagged"] for r in rows)
         examined += len(rows)
         out.append(rows)
@@ -483,13 +487,12 @@ def analyze(
 
     Keys: ``n_queries``, ``n_train``, ``sparsity``, ``cross_query``, and ``layers`` (needs
     ``per_layer``) and ``tokens`` (needs ``per_token``), None when absent. The candidate mask
-    defaults to ``scores.meta["candidate_mask"]`` (set by candidate filtering): only scored
-    entries count.
+    defaults to ``scores.mask`` (set by candidate filtering): only scored entries count.
     """
     if not isinstance(scores, Scores):
         raise TypeError(f"scores must be a headwater Scores, got {type(scores).__name__}")
     if candidate_mask is None:
-        candidate_mask = scores.meta.get("candidate_mask")
+        candidate_mask = scores.mask
     v, mask = scores.values, candidate_mask
     layers = layer_profile(scores.per_layer, v, n_blocks, layer_top_k, mask) if scores.per_layer else None
     tokens = token_structure(scores.per_token, v, top_k, candidate_mask=mask) if scores.per_token is not None else None
@@ -505,7 +508,7 @@ def analyze(
 
 def analyze_workdir(directory: str | Path, **kwargs: Any) -> dict:
     """``analyze`` for a saved run: ``DIR/scores.safetensors`` (``Scores.tensors()``, plus an
-    optional bool ``candidate_mask`` [Q, N]). Layers are put in model order: the header's
+    the optional bool ``mask`` [Q, N] of candidate filtering). Layers are put in model order: the header's
     ``layers`` list when it names them all (``headwater score`` writes it), else natural sort.
     ``DIR/results.jsonl``, when it has one JSON row per query, gives ``query_labels`` and, if the
     tensors hold no per-token scores, the token structure of the top sequences it lists.
@@ -517,13 +520,12 @@ def analyze_workdir(directory: str | Path, **kwargs: Any) -> dict:
             f"{path} does not exist; run `headwater scores ... --out {directory}` first (or pass the run's directory)"
         )
     tensors, meta = load_tensors(path)
-    mask = tensors.pop("candidate_mask", None)
     scores = Scores.from_tensors(tensors, meta)
     if scores.per_layer:
         saved = meta.get("layers")  # `headwater score` records the tracked layers in model order
         names = saved if isinstance(saved, list) and sorted(saved) == sorted(scores.per_layer) else None
         scores.per_layer = {n: scores.per_layer[n] for n in names or layer_order(list(scores.per_layer))}
-    out = analyze(scores, mask.bool() if mask is not None else None, **kwargs)
+    out = analyze(scores, **kwargs)
     out["directory"] = str(directory)
     rows = _result_rows(directory / "results.jsonl", scores.values.shape[0])
     pick = lambda r: next((r[k] for k in ("query", "prompt", "text") if isinstance(r.get(k), str)), None)
@@ -563,14 +565,16 @@ def _token_structure_from_rows(rows: list[dict], top_k: int, threshold: float = 
             a = np.abs(np.asarray(e["token_scores"], dtype=np.float64))
             ratio = float(concentration(a)) if a.size else 0.0
             l1 = float(a.sum())
-            entries.append({
-                "index": int(e["index"]),
-                "score": float(e["score"]),
-                "ratio": ratio,
-                "flagged": ratio > threshold,
-                "top_token": int(a.argmax()) if a.size else None,
-                "top_token_share": float(a.max() / l1) if l1 > 0 else None,
-            })
+            entries.append(
+                {
+                    "index": int(e["index"]),
+                    "score": float(e["score"]),
+                    "ratio": ratio,
+                    "flagged": ratio > threshold,
+                    "top_token": int(a.argmax()) if a.size else None,
+                    "top_token_share": float(a.max() / l1) if l1 > 0 else None,
+                }
+            )
         flagged += sum(x["flagged"] for x in entries)
         examined += len(entries)
         out.append(entries)
@@ -603,12 +607,16 @@ def _summary(res: dict) -> str:
         lines.append(f"layers: influence fraction per depth block, shallow -> deep: {fr}")
     if res["tokens"] is not None:
         t = res["tokens"]
-        lines.append(f"tokens: {t['n_flagged']} of {t['n_examined']} top sequences concentrated on few tokens "
-                     f"(||a||2/||a||1 > {t['threshold']:.2f})")
+        lines.append(
+            f"tokens: {t['n_flagged']} of {t['n_examined']} top sequences concentrated on few tokens "
+            f"(||a||2/||a||1 > {t['threshold']:.2f})"
+        )
     cq = res["cross_query"]
     if cq["mean_jaccard"] is not None:
-        lines.append(f"cross-query: mean top-{cq['k']} Jaccard overlap {cq['mean_jaccard']:.3f}; "
-                     f"{len(cq['shared'])} sequences in 2+ queries' top-{cq['k']}")
+        lines.append(
+            f"cross-query: mean top-{cq['k']} Jaccard overlap {cq['mean_jaccard']:.3f}; "
+            f"{len(cq['shared'])} sequences in 2+ queries' top-{cq['k']}"
+        )
         for s in cq["shared"][:5]:
             lines.append(f"  sequence {s['index']}: in {s['queries']} queries' top-{cq['k']}")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from .curvature import (
     per_example_grads,
 )
 from .data import check_batch_size, check_data, fingerprint, iter_batches
+from .distributed import all_reduce_, barrier, broadcast_, is_main, rank_world
 from .errors import NotFittedError
 from .layers import select_layers
 from .scoring import QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
@@ -82,6 +85,9 @@ class Attributor:
         Seeds the pseudo-label draws; each batch gets its own derived seed.
     progress : bool
         Show progress bars with rate and ETA.
+    checkpoint_every : int or None
+        With a workdir, save partial sums (fit) and finished score blocks (scores) every this
+        many batches per rank, so an interrupted job resumes; None turns it off.
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class Attributor:
         workdir: str | Path | None = None,
         seed: int = 0,
         progress: bool = False,
+        checkpoint_every: int | None = 50,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +121,11 @@ class Attributor:
         self.fisher = fisher
         self.seed = seed
         self.progress = progress
+        if checkpoint_every is not None and (
+            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be None or a positive integer, got {checkpoint_every!r}")
+        self.checkpoint_every = checkpoint_every
         self.layers = select_layers(model, modules)
         self.workdir = Path(workdir) if workdir is not None else None
         self.curvature: dict[str, LayerCurvature] | None = None
@@ -136,9 +148,9 @@ class Attributor:
     # ------------------------------------------------------------------ workdir
     def _open_workdir(self) -> None:
         cfg_path = self.workdir / "config.json"
-        if not cfg_path.exists():
+        if not cfg_path.exists() and is_main():
             save_json(cfg_path, self._config)
-            return
+        barrier()  # other ranks read what rank 0 wrote
         saved = load_json(cfg_path)
         for key in ("model", "task", "strategy", "fisher", "seed", "modules"):
             if saved.get(key) != self._config[key]:
@@ -178,13 +190,23 @@ class Attributor:
         losses: Callable[[Any], list[torch.Tensor]],
         consume: Callable[[LayerCapture, int, bool], None],
         phase: str,
+        shard: bool = True,
+        skip: Callable[[int], bool] | None = None,
+        after_batch: Callable[[int, int], None] | None = None,
     ) -> None:
-        """One pass over ``data``: for each batch, each pseudo-loss, each tracked layer, consume."""
+        """One pass over ``data``: for each batch, each pseudo-loss, each tracked layer, consume.
+
+        With ``shard``, batch b runs on rank ``b % world`` only. ``skip(b)`` drops batches a
+        checkpoint already holds; ``after_batch(b, lo)`` runs when batch b is fully consumed.
+        """
         device = self.device
-        nb = (len(data) + batch_size - 1) // batch_size
-        batches = _progress(iter_batches(data, self.task, batch_size, name), self.progress, phase, nb)
-        with self._eval_mode(), Capture(self.model, self.layers) as cap:
+        rank, world = rank_world() if shard else (0, 1)
+        n_batches = (len(data) + batch_size - 1) // batch_size
+        mine = [b for b in range(n_batches) if b % world == rank and not (skip and skip(b))]
+        batches = _progress(iter_batches(data, self.task, batch_size, name, mine), self.progress, phase, len(mine))
+        with self._eval_mode(), _no_sync(self.model), Capture(self.model, self.layers) as cap:
             for lo, batch in batches:
+                b = lo // batch_size
                 batch = self.task.to_device(batch, device)
                 mask = self.task.token_mask(batch)
                 if mask is not None:
@@ -205,18 +227,67 @@ class Attributor:
                     for c in cap.backward(loss, mask, retain_graph=k < len(ls) - 1):
                         with torch.autocast(device.type, enabled=False):
                             consume(c, lo, k == 0)
+                if after_batch is not None:
+                    after_batch(b, lo)
 
     def _fit_losses(self, batch: Any) -> list[torch.Tensor]:
         if self.fisher == "exact":
             return list(self.task.gauss_newton_losses(self.model, batch))
         return [self.task.loss(self.model, batch, sample=self.fisher == "sampled")]
 
+    def _fit_pass(self, acc: Any, data: Any, batch_size: int, phase: str, fp: str, overwrite: bool) -> None:
+        """One fitting pass with per-rank partial checkpoints, then a sum across ranks.
+
+        Each rank saves its partial sums every ``checkpoint_every`` batches; a rerun on the same
+        workdir loads them and skips the batches they cover. Per-batch seeds make the resumed
+        result identical to an uninterrupted one.
+        """
+        rank, world = rank_world()
+        part = None
+        done = -1  # last batch index the partial state covers
+        if self.workdir is not None and self.checkpoint_every:
+            part = self.workdir / "partial" / f"{phase.replace(' ', '_')}.rank{rank}of{world}.safetensors"
+            if part.exists() and not overwrite:
+                tensors, meta = load_tensors(part)
+                for key, value in (("fit_data", fp), ("batch_size", batch_size)):
+                    if meta.get(key) != value:
+                        raise ValueError(
+                            f"{part} is a partial {phase} pass with {key}={meta.get(key)!r}, but this fit has "
+                            f"{key}={value!r}; rerun with the original data and batch size, or pass overwrite=True"
+                        )
+                acc.load_state(tensors)
+                done = meta["last_batch"]
+        count = 0
+
+        def after(b: int, lo: int) -> None:
+            nonlocal count
+            count += 1
+            if part is not None and count % self.checkpoint_every == 0:
+                save_tensors(part, acc.state(), {"fit_data": fp, "batch_size": batch_size, "last_batch": b})
+
+        self._stream(
+            data,
+            batch_size,
+            "training data",
+            self._fit_losses,
+            lambda c, lo, first: acc.update(c, first),
+            phase,
+            skip=lambda b: b <= done,
+            after_batch=after,
+        )
+        all_reduce_(acc.state())
+        if part is not None:
+            barrier()  # every rank has its sums before any partial file goes
+            part.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ fit
     def fit(self, data: Any, batch_size: int = 8, overwrite: bool = False) -> Attributor:
         """Estimate the curvature: covariances -> eigendecomposition -> eigenvalue correction.
 
         With a workdir, finished stages are saved and reused: a second ``fit`` on the same
-        data loads the factors, and a crash after the covariance pass resumes from it.
+        data loads the factors, a crash resumes from the last checkpoint. Under
+        ``torch.distributed`` each rank takes every world-th batch, sums are all-reduced, and
+        the eigendecompositions are spread over the ranks (layer i on rank i % world).
         """
         data = check_data(data, "training data")
         batch_size = check_batch_size(batch_size)
@@ -231,46 +302,50 @@ class Attributor:
                 f"(fingerprint {self.fit_fingerprint}, this data {fp}); pass overwrite=True "
                 "to refit, or use a new workdir"
             )
-        fit = lambda acc, phase: self._stream(  # noqa: E731
-            data, batch_size, "training data", self._fit_losses, lambda c, lo, first: acc.update(c, first), phase
-        )
+        device = self.device
         if self.strategy == "diagonal":
-            acc = DiagonalAccumulator()
-            fit(acc, "diagonal")
+            acc = DiagonalAccumulator(self.layers, device)
+            self._fit_pass(acc, data, batch_size, "diagonal", fp, overwrite)
             curvature = {n: acc.diagonal(n) for n in self.layers}
         else:
-            cov = self._load_stage("covariance", fp, overwrite)
-            if cov is None:
-                cov = CovarianceAccumulator()
-                fit(cov, "covariance")
-                self._save_stage("covariance", cov.state(), fp)
+            cov = CovarianceAccumulator(self.layers, device)
+            stage = self.workdir / "covariance.safetensors" if self.workdir is not None else None
+            saved = load_tensors(stage) if stage is not None and stage.exists() and not overwrite else None
+            if saved is not None and saved[1].get("fit_data") == fp:
+                cov.load_state(saved[0])
             else:
-                cov = CovarianceAccumulator.from_state(cov)
-            names = _progress(list(self.layers), self.progress, "eigendecomposition", len(self.layers))
-            curvature = {n: cov.kfac(n) for n in names}
+                self._fit_pass(cov, data, batch_size, "covariance", fp, overwrite)
+                if stage is not None and is_main():
+                    save_tensors(stage, cov.state(), {"fit_data": fp})
+            curvature = self._eigendecompose(cov)
             if self.strategy == "ekfac":
-                lam = LambdaAccumulator(curvature)
-                fit(lam, "eigenvalue correction")
+                lam = LambdaAccumulator(curvature, device)
+                self._fit_pass(lam, data, batch_size, "eigenvalue correction", fp, overwrite)
                 curvature = {n: lam.ekfac(n) for n in self.layers}
         self.curvature = curvature
         self.fit_fingerprint = fp
-        if self.workdir is not None:
+        if self.workdir is not None and is_main():
             tensors = {f"{n}::{k}": v for n, op in curvature.items() for k, v in op.tensors().items()}
             save_tensors(self.workdir / "factors.safetensors", tensors, {"fit_data": fp, **self._config})
+        barrier()
         return self
 
-    def _load_stage(self, stage: str, fp: str, overwrite: bool) -> dict[str, torch.Tensor] | None:
-        if self.workdir is None or overwrite:
-            return None
-        path = self.workdir / f"{stage}.safetensors"
-        if not path.exists():
-            return None
-        tensors, meta = load_tensors(path)
-        return tensors if meta.get("fit_data") == fp else None
-
-    def _save_stage(self, stage: str, tensors: dict[str, torch.Tensor], fp: str) -> None:
-        if self.workdir is not None:
-            save_tensors(self.workdir / f"{stage}.safetensors", tensors, {"fit_data": fp})
+    def _eigendecompose(self, cov: CovarianceAccumulator) -> dict[str, EigenCurvature]:
+        """fp64 eigendecompositions, layer i on rank i % world, then broadcast from each owner."""
+        rank, world = rank_world()
+        names = list(self.layers)
+        eig = {}
+        for i, n in enumerate(_progress(names, self.progress, "eigendecomposition", len(names))):
+            if i % world == rank:
+                eig[n] = cov.eigendecompose(n)
+        if world > 1:
+            for i, n in enumerate(names):
+                if n not in eig:
+                    ad = self.layers[n]
+                    shapes = [(ad.in_features,) * 2, (ad.in_features,), (ad.out_features,) * 2, (ad.out_features,)]
+                    eig[n] = [torch.empty(s, dtype=torch.float64, device=self.device) for s in shapes]
+                broadcast_(eig[n], src=i % world)
+        return {n: cov.kfac(n, eig[n]) for n in names}
 
     # ------------------------------------------------------------------ scores
     def _require_fitted(self) -> dict[str, LayerCurvature]:
@@ -296,7 +371,7 @@ class Attributor:
         """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer, optionally low-rank.
 
         Queries are processed batch by batch and truncated as they come, so memory holds
-        only the (low-rank) result.
+        only the (low-rank) result. Every rank computes all of them.
         """
         queries = check_data(queries, "queries")
         batch_size = check_batch_size(batch_size)
@@ -312,9 +387,8 @@ class Attributor:
             p = curvature[c.name].solve(per_example_grads(c.a, c.g), lam[c.name])
             parts[c.name].append(QueryGradients.build(p, query_rank))
 
-        self._stream(
-            queries, batch_size, "queries", lambda b: [self.task.measurement(self.model, b)], consume, "query gradients"
-        )
+        measure = lambda b: [self.task.measurement(self.model, b)]  # noqa: E731
+        self._stream(queries, batch_size, "queries", measure, consume, "query gradients", shard=False)
         return {n: QueryGradients.concat(ps) for n, ps in parts.items()}
 
     def scores(
@@ -326,26 +400,89 @@ class Attributor:
         query_rank: int | None = None,
         per_layer: bool = False,
         per_token: bool = False,
+        candidates: int | None = None,
     ) -> Scores:
         """Influence of every training example on every query: ``Scores.values`` [Q, N].
 
         One pass over ``train`` serves all queries. Positive means upweighting the training
         example lowers the query's measurement (for a LM: raises the completion's log-prob).
+
+        With a workdir the run is checkpointed: every ``checkpoint_every`` batches each rank
+        writes its finished score blocks to ``scores/<run>/``; a rerun with the same inputs
+        loads them and scores only the rest, and a finished run is cached in
+        ``scores/<run>.safetensors``.
+
+        ``candidates=N`` scores only each query's top-N training sequences by the paper's BM25
+        over token ids (``headwater.filtering``); the others get 0, and ``Scores.mask`` [Q, N]
+        says which were scored.
         """
+        if candidates is not None:
+            from .filtering import scores_with_candidates
+
+            return scores_with_candidates(
+                self, queries, train, candidates, batch_size=batch_size, damping=damping,
+                query_rank=query_rank, per_layer=per_layer, per_token=per_token,
+            )  # fmt: skip
         train = check_data(train, "training data")
         batch_size = check_batch_size(batch_size)
+        run = None
+        meta = {"strategy": self.strategy, "damping": self.damping(damping), "query_rank": query_rank}
+        if self.workdir is not None:
+            spec = {
+                "queries": fingerprint(queries), "train": fingerprint(train), "fit": self.fit_fingerprint,
+                "damping": damping, "query_rank": query_rank, "per_layer": per_layer, "per_token": per_token,
+                "batch_size": batch_size,
+            }  # fmt: skip
+            run = self.workdir / "scores" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+            meta["run"] = {**spec, "id": run.name}
+            final = run.with_suffix(".safetensors")
+            if final.exists():
+                tensors, saved = load_tensors(final)
+                return Scores.from_tensors(tensors, saved)
         q = self.query_gradients(queries, batch_size, damping, query_rank)
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
+        done: set[int] = set()
+        if run is not None and run.exists():
+            for path in sorted(run.glob("*.safetensors")):
+                tensors, block_meta = load_tensors(path)
+                done.update(block_meta["batches"])
+                if is_main():  # blocks are summed across ranks once, so only one rank holds them
+                    acc.add_block(tensors)
+        barrier()  # every rank reads the finished blocks before any rank writes new ones
+        pending: list[tuple[int, int]] = []
+        rank, world = rank_world()
+
+        def after(b: int, lo: int) -> None:
+            pending.append((b, lo))
+            if run is not None and self.checkpoint_every and len(pending) >= self.checkpoint_every:
+                flush()
+
+        def flush() -> None:
+            if not pending:
+                return
+            name = f"rank{rank}of{world}-batch{pending[0][0]:09d}.safetensors"
+            save_tensors(run / name, acc.block([lo for _, lo in pending]), {"batches": [b for b, _ in pending]})
+            pending.clear()
+
+        training_loss = lambda b: [self.task.loss(self.model, b, sample=False)]  # noqa: E731
         self._stream(
             train,
             batch_size,
             "training data",
-            lambda b: [self.task.loss(self.model, b, sample=False)],
+            training_loss,
             lambda c, lo, first: acc.update(c, lo),
             "scoring",
+            skip=lambda b: b in done,
+            after_batch=after,
         )
-        meta = {"strategy": self.strategy, "damping": self.damping(damping), "query_rank": query_rank}
-        return acc.result(meta)
+        result = acc.result(meta)
+        if run is not None:
+            barrier()
+            if is_main():
+                save_tensors(run.with_suffix(".safetensors"), result.tensors(), meta)
+                shutil.rmtree(run, ignore_errors=True)
+            barrier()
+        return result
 
     def self_influence(self, train: Any, batch_size: int = 8, damping: float | None = None) -> torch.Tensor:
         """grad L_m^T (G + lambda I)^-1 grad L_m for every training example, [N]."""
@@ -360,7 +497,17 @@ class Attributor:
             lambda c, lo, first: acc.update(c, lo),
             "self-influence",
         )
-        return acc.values
+        return acc.result()
+
+
+@contextlib.contextmanager
+def _no_sync(model: nn.Module) -> Iterator[None]:
+    """DDP must not wait for gradient all-reduces that headwater never triggers."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 def _short(names: Any) -> str:

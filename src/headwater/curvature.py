@@ -159,18 +159,49 @@ class EigenCurvature(LayerCurvature):
 # ---------------------------------------------------------------------------------------
 
 
-class CovarianceAccumulator:
+class _Accumulator:
+    """Shared plumbing: preallocated float64 sums per layer, so every rank holds the same keys.
+
+    ``state()`` returns the live tensors: summing them across ranks in place (all-reduce) or
+    saving and reloading them (checkpoints) is all that distribution and resumption need.
+    """
+
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], device: torch.device | str = "cpu"):
+        self.sums = {
+            f"{n}::{field}": torch.zeros(shape, dtype=torch.float64, device=device)
+            for n, fields in shapes.items()
+            for field, shape in fields.items()
+        }
+
+    def _add(self, name: str, field: str, value: torch.Tensor) -> None:
+        self.sums[f"{name}::{field}"] += value.to(torch.float64)
+
+    def get(self, name: str, field: str) -> torch.Tensor:
+        return self.sums[f"{name}::{field}"]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.sums
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = set(self.sums) - set(tensors)
+        if missing:
+            raise ValueError(f"saved state lacks {sorted(missing)[:3]}; it belongs to another layer set")
+        for k, t in self.sums.items():
+            t.copy_(tensors[k])
+
+
+class CovarianceAccumulator(_Accumulator):
     """Uncentered per-token second moments A = E[a a^T], S = E[g g^T] over scored tokens.
 
     With several pseudo-losses per forward (``fisher="exact"``) S sums over them while A and
-    the token counts are taken once (``first=True``).
+    the token counts are taken once (``first=True``). ``counts`` = (tokens, sequences).
     """
 
-    def __init__(self) -> None:
-        self.a: dict[str, torch.Tensor] = {}
-        self.s: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, float] = {}
-        self.sequences: dict[str, float] = {}
+    def __init__(self, layers: dict, device: torch.device | str = "cpu"):
+        super().__init__(
+            {n: {"A": (ad.in_features,) * 2, "S": (ad.out_features,) * 2, "counts": (2,)} for n, ad in layers.items()},
+            device,
+        )
 
     def update(self, c: LayerCapture, first: bool = True) -> None:
         a, g = c.a, c.g
@@ -178,53 +209,29 @@ class CovarianceAccumulator:
             a, g = a[c.mask], g[c.mask]  # [M, I], [M, O]
         else:
             a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        if c.name not in self.s:
-            self.a[c.name] = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
-            self.s[c.name] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
-            self.tokens[c.name] = 0.0
-            self.sequences[c.name] = 0.0
         if first:
-            self.a[c.name] += (a.mT @ a).double()
-            self.tokens[c.name] += float(a.shape[0])
-            self.sequences[c.name] += float(c.a.shape[0])
-        self.s[c.name] += (g.mT @ g).double()
+            self._add(c.name, "A", a.mT @ a)
+            counts = self.get(c.name, "counts")
+            counts[0] += a.shape[0]  # scored tokens
+            counts[1] += c.a.shape[0]  # sequences
+        self._add(c.name, "S", g.mT @ g)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for n in self.s:
-            out[f"{n}::A"] = self.a[n]
-            out[f"{n}::S"] = self.s[n]
-            out[f"{n}::counts"] = torch.tensor([self.tokens[n], self.sequences[n]], dtype=torch.float64)
-        return out
-
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> CovarianceAccumulator:
-        acc = cls()
-        for key, t in state.items():
-            name, field = key.rsplit("::", 1)
-            if field == "A":
-                acc.a[name] = t
-            elif field == "S":
-                acc.s[name] = t
-            else:
-                acc.tokens[name], acc.sequences[name] = t.tolist()
-        return acc
-
-    def eigendecompose(self, name: str) -> tuple[torch.Tensor, ...]:
-        """fp64 eigendecomposition of the normalized A and S; negative round-off clamped."""
-        tokens = self.tokens[name]
+    def eigendecompose(self, name: str) -> list[torch.Tensor]:
+        """fp64 eigendecomposition of the normalized A and S: [q_a, eig_a, q_s, eig_s]."""
+        tokens = self.get(name, "counts")[0].item()
         if tokens == 0:
             raise ValueError(f"layer {name!r} saw no scored tokens while fitting")
-        a = check_finite(self.a[name] / tokens, name, "input covariance A")
-        s = check_finite(self.s[name] / tokens, name, "gradient covariance S")
-        eig_a, q_a = torch.linalg.eigh(a.double())
-        eig_s, q_s = torch.linalg.eigh(s.double())
-        return q_a, eig_a.clamp_min(0), q_s, eig_s.clamp_min(0)
+        a = check_finite(self.get(name, "A") / tokens, name, "input covariance A")
+        s = check_finite(self.get(name, "S") / tokens, name, "gradient covariance S")
+        eig_a, q_a = torch.linalg.eigh(a)
+        eig_s, q_s = torch.linalg.eigh(s)
+        return [q_a.contiguous(), eig_a.clamp_min(0), q_s.contiguous(), eig_s.clamp_min(0)]
 
-    def kfac(self, name: str) -> EigenCurvature:
-        q_a, eig_a, q_s, eig_s = self.eigendecompose(name)
-        mean_tokens = self.tokens[name] / self.sequences[name]
-        return EigenCurvature(q_a, q_s, mean_tokens * torch.outer(eig_s, eig_a))
+    def kfac(self, name: str, eig: list[torch.Tensor] | None = None) -> EigenCurvature:
+        """K-FAC operator; ``eig`` is this layer's ``eigendecompose`` result if already computed."""
+        q_a, eig_a, q_s, eig_s = eig if eig is not None else self.eigendecompose(name)
+        tokens, sequences = self.get(name, "counts").tolist()
+        return EigenCurvature(q_a, q_s, (tokens / sequences) * torch.outer(eig_s, eig_a))
 
 
 def rotated_grads(c: LayerCapture, op: EigenCurvature) -> torch.Tensor:
@@ -241,47 +248,39 @@ def rotated_grads(c: LayerCapture, op: EigenCurvature) -> torch.Tensor:
     return op.rotate(per_example_grads(a, g))
 
 
-class LambdaAccumulator:
+class LambdaAccumulator(_Accumulator):
     """EK-FAC's eigenvalue correction: mean over sequences of (Q_S^T dW_m Q_A) ** 2."""
 
-    def __init__(self, bases: dict[str, EigenCurvature]):
+    def __init__(self, bases: dict[str, EigenCurvature], device: torch.device | str = "cpu"):
+        super().__init__({n: {"lam": op.shape, "sequences": (1,)} for n, op in bases.items()}, device)
         self.bases = bases
-        self.sums: dict[str, torch.Tensor] = {}
-        self.sequences: dict[str, float] = {}
 
     def update(self, c: LayerCapture, first: bool = True) -> None:
         r = rotated_grads(c, self.bases[c.name])
-        sq = (r * r).sum(0).double()
-        if c.name not in self.sums:
-            self.sums[c.name] = torch.zeros_like(sq)
-            self.sequences[c.name] = 0.0
-        self.sums[c.name] += sq
+        self._add(c.name, "lam", (r * r).sum(0))
         if first:
-            self.sequences[c.name] += float(r.shape[0])
+            self.get(c.name, "sequences").add_(r.shape[0])
 
     def ekfac(self, name: str) -> EigenCurvature:
         base = self.bases[name]
-        lam = check_finite(self.sums[name] / self.sequences[name], name, "eigenvalue correction")
+        lam = check_finite(self.get(name, "lam") / self.get(name, "sequences"), name, "eigenvalue correction")
         return EigenCurvature(base.q_a, base.q_s, lam)
 
 
-class DiagonalAccumulator:
+class DiagonalAccumulator(_Accumulator):
     """Diagonal of G: mean over sequences of the squared per-sequence pseudo-gradient."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.sequences: dict[str, float] = {}
+    def __init__(self, layers: dict, device: torch.device | str = "cpu"):
+        super().__init__(
+            {n: {"diag": (ad.out_features, ad.in_features), "sequences": (1,)} for n, ad in layers.items()}, device
+        )
 
     def update(self, c: LayerCapture, first: bool = True) -> None:
         dw = per_example_grads(c.a, c.g)
-        sq = (dw * dw).sum(0).double()
-        if c.name not in self.sums:
-            self.sums[c.name] = torch.zeros_like(sq)
-            self.sequences[c.name] = 0.0
-        self.sums[c.name] += sq
+        self._add(c.name, "diag", (dw * dw).sum(0))
         if first:
-            self.sequences[c.name] += float(dw.shape[0])
+            self.get(c.name, "sequences").add_(dw.shape[0])
 
     def diagonal(self, name: str) -> DiagonalCurvature:
-        d = check_finite(self.sums[name] / self.sequences[name], name, "diagonal curvature")
+        d = check_finite(self.get(name, "diag") / self.get(name, "sequences"), name, "diagonal curvature")
         return DiagonalCurvature(d)

@@ -36,11 +36,17 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
-def iter_batches(data: Any, task: Task, batch_size: int, name: str, start: int = 0) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index of the first example, collated batch)`` in dataset order."""
+def iter_batches(
+    data: Any, task: Task, batch_size: int, name: str, batches: list[int] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index of the first example, collated batch)`` in dataset order.
+
+    ``batches`` restricts the pass to those batch numbers (batch b starts at b * batch_size),
+    which is how ranks split the work and resumed runs skip what is done.
+    """
     n = len(data)
-    for lo in range(start, n, batch_size):
-        hi = min(n, lo + batch_size)
+    for b in range(0, (n + batch_size - 1) // batch_size) if batches is None else batches:
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         items = [data[i] for i in range(lo, hi)]
         try:
             batch = task.collate(items)

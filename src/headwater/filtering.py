@@ -254,8 +254,8 @@ def scores_with_candidates(
 
     Only the union of the candidate sets is scored (one pass over that subset of ``train``), then
     scattered back into a full [Q, N] result. A query's non-candidates get 0, also in
-    ``per_layer`` and ``per_token``; ``meta["candidate_mask"]`` is a bool [Q, N] tensor marking
-    which entries were scored and ``meta["candidates"]`` the requested N. Pass a prebuilt
+    ``per_layer`` and ``per_token``; ``Scores.mask`` is a bool [Q, N] tensor marking which entries
+    were scored (``top``/``bottom`` rank only those) and ``meta["candidates"]`` the requested N. Pass a prebuilt
     ``index`` (over ``train``, in order) to reuse it across calls.
     """
     n = _check_positive_int(candidates, "candidates")
@@ -290,5 +290,4 @@ def scores_with_candidates(
 
     per_layer = {k: scatter(v) for k, v in sub.per_layer.items()} if sub.per_layer is not None else None
     per_token = scatter(sub.per_token) if sub.per_token is not None else None
-    meta = {**sub.meta, "candidates": n, "candidate_mask": mask}
-    return Scores(scatter(sub.values), per_layer, per_token, meta)
+    return Scores(scatter(sub.values), per_layer, per_token, {**sub.meta, "candidates": n}, mask=mask)

@@ -23,6 +23,7 @@ import torch
 
 from .capture import LayerCapture
 from .curvature import EigenCurvature, LayerCurvature, per_example_grads, rotated_grads
+from .distributed import all_reduce_, all_reduce_max
 from .errors import check_finite
 
 __all__ = ["Scores", "TopK", "QueryGradients", "ScoreAccumulator", "SelfInfluenceAccumulator"]
@@ -41,24 +42,30 @@ class Scores:
 
     values: [Q, N]. per_layer: {layer: [Q, N]} (sums to ``values``). per_token: [Q, N, T]
     over training tokens, zero-padded to the longest training example (sums to ``values``).
+    mask: bool [Q, N] of the pairs that were scored when candidates were filtered (the rest are
+    0 and never ranked by ``top``/``bottom``); None means all were scored.
     """
 
     values: torch.Tensor
     per_layer: dict[str, torch.Tensor] | None = None
     per_token: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    mask: torch.Tensor | None = None
+
+    def _ranked(self, k: int, largest: bool) -> TopK:
+        v = self.values
+        if self.mask is not None:
+            v = v.masked_fill(~self.mask, float("-inf") if largest else float("inf"))
+        v, i = torch.topk(v, min(k, v.shape[1]), dim=1, largest=largest)
+        return TopK(i, v)
 
     def top(self, k: int) -> TopK:
         """The k most positive training examples per query, most positive first."""
-        k = min(k, self.values.shape[1])
-        v, i = torch.topk(self.values, k, dim=1)
-        return TopK(i, v)
+        return self._ranked(k, largest=True)
 
     def bottom(self, k: int) -> TopK:
         """The k most negative training examples per query, most negative first."""
-        k = min(k, self.values.shape[1])
-        v, i = torch.topk(self.values, k, dim=1, largest=False)
-        return TopK(i, v)
+        return self._ranked(k, largest=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"values": self.values}
@@ -66,12 +73,14 @@ class Scores:
             out[f"per_layer::{name}"] = t
         if self.per_token is not None:
             out["per_token"] = self.per_token
+        if self.mask is not None:
+            out["mask"] = self.mask
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Scores:
         per_layer = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.startswith("per_layer::")}
-        return cls(tensors["values"], per_layer or None, tensors.get("per_token"), meta or {})
+        return cls(tensors["values"], per_layer or None, tensors.get("per_token"), meta or {}, tensors.get("mask"))
 
 
 @dataclass
@@ -139,40 +148,69 @@ class QueryGradients:
 
 
 class ScoreAccumulator:
-    """Consumer of the training stream: fills the [Q, N] score matrix batch by batch."""
+    """Consumer of the training stream: scores per batch, assembled into [Q, N] at the end.
+
+    Results are kept per batch (keyed by the batch's first example index) so that completed
+    batches can be written out as checkpoint blocks and read back on resume, and so that each
+    rank of a distributed run holds only its own columns until ``result`` assembles them.
+    """
 
     def __init__(self, queries: dict[str, QueryGradients], n_train: int, per_layer: bool, per_token: bool):
         self.queries = queries
         q = next(iter(queries.values()))
-        n_q = (q.full if q.full is not None else q.u).shape[0]
-        self.dtype = (q.full if q.full is not None else q.u).dtype
-        self.values = torch.zeros(n_q, n_train, dtype=self.dtype)
-        self.per_layer = {n: torch.zeros(n_q, n_train, dtype=self.dtype) for n in queries} if per_layer else None
+        ref = q.full if q.full is not None else q.u
+        self.n_queries, self.n_train, self.dtype = ref.shape[0], n_train, ref.dtype
+        self.per_layer = per_layer
         self.per_token = per_token
-        self._tokens: dict[int, torch.Tensor] = {}  # batch start -> [Q, N_b, S_b]
+        self.batches: dict[int, dict[str, torch.Tensor]] = {}  # start -> {"values", "layer::<name>", "tokens"}
+
+    def _add(self, start: int, key: str, value: torch.Tensor) -> None:
+        entry = self.batches.setdefault(start, {})
+        entry[key] = value if key not in entry else entry[key] + value
 
     def update(self, c: LayerCapture, start: int) -> None:
         sc, tok = self.queries[c.name].scores(c, self.per_token)
         check_finite(sc, c.name, "scores")
         sc = sc.to("cpu", self.dtype)
-        stop = start + sc.shape[1]
-        self.values[:, start:stop] += sc
-        if self.per_layer is not None:
-            self.per_layer[c.name][:, start:stop] += sc
+        self._add(start, "values", sc)
+        if self.per_layer:
+            self._add(start, f"layer::{c.name}", sc)
         if tok is not None:
             # a module called k times per forward: fold its k*S tokens back onto the sequence
-            tok = tok.reshape(*tok.shape[:2], c.calls, -1).sum(2).to("cpu", self.dtype)
-            prev = self._tokens.get(start)
-            self._tokens[start] = tok if prev is None else prev + tok
+            self._add(start, "tokens", tok.reshape(*tok.shape[:2], c.calls, -1).sum(2).to("cpu", self.dtype))
+
+    def block(self, starts: list[int]) -> dict[str, torch.Tensor]:
+        """The finished batches ``starts`` as flat tensors, for a checkpoint file."""
+        return {f"{s}::{k}": v.contiguous() for s in starts for k, v in self.batches[s].items()}
+
+    def add_block(self, tensors: dict[str, torch.Tensor]) -> list[int]:
+        """Load a checkpoint block; returns the batch starts it holds."""
+        starts = set()
+        for key, value in tensors.items():
+            s, k = key.split("::", 1)
+            self.batches.setdefault(int(s), {})[k] = value.to(self.dtype)
+            starts.add(int(s))
+        return sorted(starts)
 
     def result(self, meta: dict) -> Scores:
-        per_token = None
+        """Assemble [Q, N] (and per-layer, per-token) in dataset order, summed across ranks."""
+        shape = (self.n_queries, self.n_train)
+        dense = {"values": torch.zeros(shape, dtype=self.dtype)}
+        if self.per_layer:
+            dense.update({f"layer::{n}": torch.zeros(shape, dtype=self.dtype) for n in self.queries})
         if self.per_token:
-            t = max(x.shape[2] for x in self._tokens.values())
-            per_token = torch.zeros(*self.values.shape, t, dtype=self.dtype)
-            for start, x in self._tokens.items():
-                per_token[:, start : start + x.shape[1], : x.shape[2]] = x
-        return Scores(self.values, self.per_layer, per_token, meta)
+            t = all_reduce_max(max((e["tokens"].shape[2] for e in self.batches.values()), default=0))
+            dense["tokens"] = torch.zeros(*shape, t, dtype=self.dtype)
+        for start, entry in self.batches.items():
+            for key, value in entry.items():
+                cols = slice(start, start + value.shape[1])
+                if key == "tokens":
+                    dense[key][:, cols, : value.shape[2]] = value
+                else:
+                    dense[key][:, cols] = value
+        all_reduce_(dense)  # each rank filled only its own columns
+        per_layer = {n: dense[f"layer::{n}"] for n in self.queries} if self.per_layer else None
+        return Scores(dense["values"], per_layer, dense.get("tokens"), meta)
 
 
 class SelfInfluenceAccumulator:
@@ -193,3 +231,6 @@ class SelfInfluenceAccumulator:
             val = (dw * op.solve(dw, lam)).sum((1, 2))
         check_finite(val, c.name, "self-influence")
         self.values[start : start + val.shape[0]] += val.double().cpu()
+
+    def result(self) -> torch.Tensor:
+        return all_reduce_({"values": self.values})["values"]
