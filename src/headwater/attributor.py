@@ -499,6 +499,19 @@ class Attributor:
         )
         return acc.result()
 
+    # ------------------------------------------------------------------ index
+    def build_index(self, train: Any, dim: int | None = None, batch_size: int = 8, **kwargs: Any) -> Any:
+        """Build a persistent projected-gradient index of ``train`` (see ``headwater.index.build_index``)."""
+        from .index import DEFAULT_DIM, build_index
+
+        return build_index(self, train, dim=DEFAULT_DIM if dim is None else dim, batch_size=batch_size, **kwargs)
+
+    def query_index(self, queries: Any, top_k: int | None = None, **kwargs: Any) -> Scores:
+        """Score queries against a built index (see ``headwater.index.query_index``)."""
+        from .index import query_index
+
+        return query_index(self, queries, top_k=top_k, **kwargs)
+
 
 @contextlib.contextmanager
 def _no_sync(model: nn.Module) -> Iterator[None]:
