@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         multi = json.loads((Path(tmp) / "rank0.json").read_text())
 
     print(f"# config: {vars(args)}")
-    print("| phase | 1 process (s) | {w} processes (s) | speedup |".format(w=args.world))
+    print(f"| phase | 1 process (s) | {args.world} processes (s) | speedup |")
     print("|---|---|---|---|")
     for phase in ("fit", "score"):
         print(f"| {phase} | {single[phase]:.1f} | {multi[phase]:.1f} | {single[phase] / multi[phase]:.2f}x |")
