@@ -67,14 +67,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--train", type=int, default=256)
-    p.add_argument("--queries", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rank", type=int, default=32)
+    speed.add_config_args(p)
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "fp32"
 

@@ -186,8 +186,8 @@ def run_kronfluence(model, train, queries, args) -> dict | None:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The model/data configuration, shared with the other benchmarks (engine issue's CPU config)."""
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--tokens", type=int, default=128)
@@ -196,6 +196,11 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rank", type=int, default=32)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=2, help="plain passes; the fastest is the baseline")
