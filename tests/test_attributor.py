@@ -163,3 +163,14 @@ def test_hf_datasets_and_torch_datasets_are_accepted(gpt2):
     a1 = hw.Attributor(model, task=task, fisher="empirical").fit(tds, batch_size=4).scores(data[:2], tds).values
     a2 = hw.Attributor(model, task=task, fisher="empirical").fit(data, batch_size=4).scores(data[:2], data).values
     torch.testing.assert_close(a1, a2)
+
+
+def test_a_layer_tied_to_an_embedding_is_flagged():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=30, n_positions=16, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)  # ties lm_head to the token embedding
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['transformer.wte'\]"):
+        hw.Attributor(model, modules=None)
+    with pytest.warns(UserWarning, match="lm_head"):
+        hw.Attributor(model, modules=["lm_head"])

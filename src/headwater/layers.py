@@ -11,6 +11,7 @@ are supported is a property of their type.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ def select_layers(model: nn.Module, modules: None | str | Sequence[str]) -> dict
             "headwater can only attribute through those"
         )
     if modules is None:
+        warn_tied(model, supported)
         return supported
     if isinstance(modules, str):
         if modules != "mlp":
@@ -158,7 +160,28 @@ def select_layers(model: nn.Module, modules: None | str | Sequence[str]) -> dict
                 f"{_preview(supported)}"
             )
         chosen[name] = supported[name]
+    warn_tied(model, chosen)
     return chosen
+
+
+def warn_tied(model: nn.Module, chosen: dict[str, LayerAdapter]) -> None:
+    """Warn when a tracked layer's weight is also used by a module headwater cannot track.
+
+    GPT-2's ``lm_head`` shares its weight with the token embedding: its gradient has an
+    embedding part that no layer hook sees, so headwater attributes only its linear use.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    for name in chosen:
+        others = [o for o in owners.get(id(model.get_submodule(name).weight), []) if o != name and o not in chosen]
+        if others:
+            warnings.warn(
+                f"layer {name!r} shares its weight with {others}, which headwater does not track; only "
+                "its use as a linear layer is attributed",
+                stacklevel=3,
+            )
 
 
 def _preview(names: dict, limit: int = 24) -> str:
