@@ -24,11 +24,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
@@ -133,7 +135,7 @@ def fit_workdir(
     import headwater as hw
 
     from .data import fingerprint
-    from .io import context_length, file_sha256, load_model, load_tokenizer, read_documents
+    from .io import context_length, file_sha256, load_model, load_tokenizer, read_documents, tokenizer_sha256
     from .storage import save_json
 
     workdir = Path(workdir)
@@ -151,31 +153,33 @@ def fit_workdir(
     mods = _parse_modules(modules)
     fp = fingerprint(docs)
 
+    tok_hash = tokenizer_sha256(tok_path)
+    # The engine checks first that the workdir belongs to this model (and strategy, modules);
+    # then what only the CLI knows: truncation, tokenizer and data.
+    task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
+    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, workdir=workdir,
+                       seed=seed, progress=progress)  # fmt: skip
     prev_path = workdir / CLI_FILE
-    if prev_path.exists() and not overwrite:
+    meta = _factors_meta(workdir)
+    if meta is not None and not overwrite:
         from .storage import load_json
 
-        prev = load_json(prev_path)
+        prev = load_json(prev_path) if prev_path.exists() else {}
         changed = [
             f"{k}={prev.get(k)!r} (now {v!r})"
-            for k, v in (("max_length", max_length), ("tokenizer", str(tok_path)))
-            if prev.get(k) != v
+            for k, v in (("max_length", max_length), ("tokenizer_sha256", tok_hash))
+            if k in prev and prev[k] != v
         ]
-        if changed and _factors_meta(workdir) is not None:
+        if changed:
             raise InputError(
                 f"workdir {workdir} was fitted with {', '.join(changed)}; pass --overwrite to refit, "
                 "or use a new workdir"
             )
-    meta = _factors_meta(workdir) if workdir.exists() else None
-    if meta is not None and meta.get("fit_data") not in (None, fp) and not overwrite:
-        raise InputError(
-            f"workdir {workdir} already holds factors fitted on other data (fingerprint "
-            f"{meta.get('fit_data')}, {data_path.name} has {fp}); pass --overwrite to refit, or use a new workdir"
-        )
-
-    task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
-    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, workdir=workdir,
-                       seed=seed, progress=progress)  # fmt: skip
+        if meta.get("fit_data") not in (None, fp):
+            raise InputError(
+                f"workdir {workdir} already holds factors fitted on other data (fingerprint "
+                f"{meta.get('fit_data')}, {data_path.name} has {fp}); pass --overwrite to refit, or use a new workdir"
+            )
     log(
         f"fitting {strategy} on {len(docs)} documents from {data_path.name}, {len(an.layers)} layers "
         f"({_short_layers(an.layers)}), max_length={max_length}"
@@ -189,6 +193,7 @@ def fit_workdir(
         "created": _now(),
         "model": str(model_path),
         "tokenizer": str(tok_path),
+        "tokenizer_sha256": tok_hash,
         "data": str(data_path),
         "data_sha256": file_sha256(data_path),
         "data_fingerprint": fp,
@@ -320,7 +325,7 @@ def score_workdir(
     seconds = time.perf_counter() - t0
 
     pieces = {i: _token_pieces(tok, ids) for i, ids in tokens_of.items()}
-    layers = list(sc.per_layer or {})
+    layers = list(an.layers)  # model order (a cached result's dict may be sorted by name)
 
     def entry(q: int, i: int, score: float) -> dict:
         raw = token_scores[q][i]
@@ -620,31 +625,45 @@ def _one_line(e: BaseException) -> str:
 
 
 def _setup(quiet: bool, debug: bool) -> tuple[bool, bool, Log]:
+    """Merge the per-command flags with the global ones; pick where status lines go (stderr)."""
     quiet = quiet or _STATE["quiet"]
     debug = debug or _STATE["debug"]
-    import logging
-    import warnings
-
-    if not debug:
-        warnings.filterwarnings("ignore")
-        for name in ("transformers", "datasets", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            if quiet:
-                hf_logging.disable_progress_bar()
-        except Exception:  # pragma: no cover - transformers missing is reported by the command
-            pass
     log: Log = _quiet_log if quiet else (lambda msg: typer.echo(msg, err=True))
     return quiet, debug, log
 
 
-def _run(debug: bool, fn: Callable[[], Any]) -> Any:
+@contextlib.contextmanager
+def _library_noise(quiet: bool, debug: bool) -> Iterator[None]:
+    """Silence library warnings (and with --quiet, HF's own progress bars) for one command.
+
+    Restored afterwards, because tests and notebooks run commands in-process.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:  # pragma: no cover - a missing transformers is reported by the command
+        hf_logging = None
+    with warnings.catch_warnings():
+        if debug or hf_logging is None:
+            yield
+            return
+        warnings.simplefilter("ignore")
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
+def _run(quiet: bool, debug: bool, fn: Callable[[], Any]) -> Any:
     """Run a command body: one-line errors with exit status 2, tracebacks only with --debug."""
     try:
-        return fn()
+        with _library_noise(quiet, debug):
+            return fn()
     except KeyboardInterrupt:
         typer.echo("headwater: interrupted; no partial files were written", err=True)
         raise typer.Exit(130) from None
@@ -679,7 +698,7 @@ def demo(
     quiet, debug, _ = _setup(quiet, debug)
     from .demo import demo_is_small, run_demo
 
-    _run(debug, lambda: run_demo(out, small=small or demo_is_small(), quiet=quiet, seed=seed))
+    _run(quiet, debug, lambda: run_demo(out, small=small or demo_is_small(), quiet=quiet, seed=seed))
 
 
 @app.command()
@@ -714,6 +733,7 @@ def fit(
     """Fit the curvature (covariances, eigendecomposition, eigenvalue correction) into a workdir."""
     quiet, debug, log = _setup(quiet, debug)
     _run(
+        quiet,
         debug,
         lambda: fit_workdir(
             model, data, workdir, tokenizer=tokenizer, modules=modules, strategy=strategy, fisher=fisher,
@@ -763,7 +783,7 @@ def score(
             text = text if len(text) <= 80 else text[:77] + "..."
             typer.echo(f"{r['prompt']!r} -> {r['completion']!r}: top {best['score']:+.3g} #{best['index']} {text}")
 
-    _run(debug, body)
+    _run(quiet, debug, body)
 
 
 @app.command()
@@ -777,7 +797,7 @@ def report(
 ) -> None:
     """Rebuild report.html from the saved results (no model needed)."""
     quiet, debug, log = _setup(quiet, debug)
-    target = _run(debug, lambda: write_report(workdir, out))
+    target = _run(quiet, debug, lambda: write_report(workdir, out))
     log(f"wrote {target}")
 
 
@@ -788,8 +808,8 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """Summarize a workdir: model, layers, strategy, damping, eigenvalue spectra, data, sizes."""
-    _, debug, _ = _setup(True, debug)
-    info = _run(debug, lambda: inspect_workdir(workdir))
+    quiet, debug, _ = _setup(True, debug)
+    info = _run(quiet, debug, lambda: inspect_workdir(workdir))
     typer.echo(json.dumps(info, indent=2) if as_json else _format_inspect(info))
 
 

@@ -68,7 +68,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-SMALL = DemoConfig(n_entities=6, n_filler=24, vocab_size=400, n_embd=64, epochs=20, batch_size=16)
+SMALL = DemoConfig(n_entities=6, n_filler=24, vocab_size=400, n_embd=64, epochs=40, batch_size=16)
 
 FILES = (  # what a demo run writes into its directory (and clears before a new run)
     "train.jsonl", "queries.jsonl", "demo.json", "cli.json", "config.json", "covariance.safetensors",
@@ -372,14 +372,16 @@ def run_demo(out_dir: str | Path = "headwater-demo", small: bool = False, quiet:
     import torch
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars for a 1 MB model are noise
     cfg = SMALL if small else FULL
-    threads = torch.get_num_threads()
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for a 1 MB model are noise
     try:
         return _run_demo(Path(out_dir), cfg, small, quiet, seed)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run_demo(out: Path, cfg: DemoConfig, small: bool, quiet: bool, seed: int) -> dict:

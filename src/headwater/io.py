@@ -31,11 +31,12 @@ __all__ = [
     "file_sha256",
     "document_text",
     "context_length",
+    "tokenizer_sha256",
 ]
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
-EXAMPLE_FIELDS = ("text", "prompt", "completion", "input_ids", "labels", "attention_mask")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 class InputError(ValueError):
@@ -250,6 +251,17 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_sha256(path: str | Path) -> str:
+    """Content hash of a tokenizer's files only (not the weights that may share its directory)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "added_tokens.json"):
+        if (path / name).is_file():
+            h.update(name.encode())
+            h.update((path / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------
@@ -318,6 +330,11 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     path = _check_model_dir(path, "tokenizer")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"cannot load a tokenizer from {path}: it holds none of {', '.join(TOKENIZER_FILES)}; save one there "
+            "with tokenizer.save_pretrained, or pass --tokenizer DIR"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
