@@ -49,6 +49,7 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monosp
 figure { margin: 0; } figcaption { color: var(--muted); font-size: 12px; margin-top: 2px; max-width: 460px; }
 svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
 .legend { display: flex; align-items: center; gap: 10px; margin: 14px 0 4px; color: var(--muted); font-size: 12px; }
+.legend svg, .legend .mono { flex: none; }
 ol.seqs { list-style: none; padding: 0; margin: 0; }
 li.seq { padding: 8px 0 10px; border-bottom: 1px solid var(--line); }
 .seq-meta { display: flex; gap: 12px; align-items: baseline; margin-bottom: 4px; font-size: 12.5px;
@@ -74,10 +75,14 @@ def _e(x: Any) -> str:
 
 
 def color(value: float, vmax: float) -> tuple[int, int, int]:
-    """Diverging colour: white at 0, full red at +vmax, full blue at -vmax."""
+    """Diverging colour: white at 0, full red at +vmax, full blue at -vmax.
+
+    Intensity grows with sqrt(|value| / vmax): token influence is heavy-tailed, and on a
+    linear ramp everything but the hottest token of the top sequence would look white.
+    """
     if vmax <= 0 or not math.isfinite(value):
         return WHITE
-    t = min(1.0, abs(value) / vmax)
+    t = math.sqrt(min(1.0, abs(value) / vmax))
     end = POSITIVE if value > 0 else NEGATIVE
     return tuple(round(w + (c - w) * t) for w, c in zip(WHITE, end))  # type: ignore[return-value]
 
@@ -238,8 +243,8 @@ def legend(vmax: float, gid: str = "lg") -> str:
         f'{stops}</linearGradient></defs>'
         f'<rect width="220" height="14" rx="3" fill="url(#{gid})" stroke="#c8cdd6"/></svg>'
         f'<span class="pos mono">{_fmt(vmax)}</span>'
-        "<span>red raises the completion's probability, blue lowers it; a token is coloured by the "
-        "influence of the position that predicts it (hover for the value)</span></div>"
+        "<span>square-root scale; red raises the completion's probability, blue lowers it; a token is "
+        "coloured by the influence of the position that predicts it (hover for the value)</span></div>"
     )
 
 
@@ -252,7 +257,7 @@ def heatmap(tokens: list[str], scores: list[float], vmax: float) -> str:
     spans = []
     for piece, v in zip(tokens, scores):
         rgb = color(v, vmax)
-        ink = "#fff" if min(1.0, abs(v) / vmax if vmax > 0 else 0) > 0.6 else "inherit"
+        ink = "#fff" if vmax > 0 and abs(v) / vmax > 0.4 else "inherit"  # dark background past ~sqrt(0.4)
         label = f"{v:+.3g}"
         spans.append(
             f'<span class="tok" style="background:{_hex(rgb)};color:{ink}" data-v="{label}" '
