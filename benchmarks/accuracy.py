@@ -70,6 +70,28 @@ def targets(suites: dict[str, Suite]) -> list[str]:
     return out
 
 
+SWEEP_METHODS = ["identity", "kfac", "ekfac", "ekfac-exact", "lissa", "exact"]
+
+
+def pbrf_sweep(base: Suite, multipliers: list[float], examples: int) -> str:
+    """PBRF correlation at larger dampings (one fit seed): where does EK-FAC catch up?"""
+    t0 = time.perf_counter()
+    methods = [m for m in SWEEP_METHODS if m in base.methods]
+    cols: dict[float, dict] = {}
+    for mult in [1.0, *multipliers]:
+        s = Suite(base.bench, methods, fit_seeds=1, damping=base.damping * mult, lissa=base.lissa, log=False)
+        cols[mult] = s.pbrf(num_examples=examples)
+    head = ["method"] + [f"lambda x {m:g}" for m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        cells = [f"{cols[k][m].summary.mean:.3f}" if m in cols[k] else "n/a" for k in cols]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return (
+        f"PBRF correlation on {base.bench.name} against damping (lambda = {base.damping:.4g}; {examples} "
+        f"examples, fit seed 0; {time.perf_counter() - t0:.0f} s):\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def machine() -> str:
     try:
         import kronfluence
@@ -95,7 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fit-seeds", type=int, default=3, help="seeds for sampling methods on the MLP tasks")
     p.add_argument("--lm-fit-seeds", type=int, default=2)
     p.add_argument("--lissa-depth", type=int, default=2000)
-    p.add_argument("--lm-lissa-depth", type=int, default=300)
+    p.add_argument("--lm-lissa-depth", type=int, default=100)
+    p.add_argument("--lm-lissa-batch", type=int, default=8)
+    p.add_argument("--lm-queries", type=int, default=30, help="first K demo queries (LiSSA costs Q x depth)")
+    p.add_argument(
+        "--pbrf-sweep", default="10,100", help="damping multipliers for the PBRF sensitivity table ('' to skip)"
+    )
+    p.add_argument("--sweep-examples", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-kronfluence", action="store_true")
     p.add_argument("--cache", default="runs/accuracy", help="retraining cache (resumable)")
@@ -109,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         t0 = time.perf_counter()
         lm = task == "lm"
-        bench = load_benchmark(task, cfg=LMConfig()) if lm else load_benchmark(task)
+        bench = load_benchmark(task, cfg=LMConfig(n_queries=args.lm_queries)) if lm else load_benchmark(task)
         methods = [m for m in (LM_METHODS if lm else MLP_METHODS) if m != "kronfluence" or not args.no_kronfluence]
-        lissa = LiSSASettings(depth=args.lm_lissa_depth if lm else args.lissa_depth, batch_size=bench.batch_size)
+        if lm:
+            lissa = LiSSASettings(depth=args.lm_lissa_depth, batch_size=args.lm_lissa_batch, seeds=1)
+        else:
+            lissa = LiSSASettings(depth=args.lissa_depth, batch_size=bench.batch_size)
         suite = Suite(bench, methods, fit_seeds=args.lm_fit_seeds if lm else args.fit_seeds, lissa=lissa)
         cache = Path(args.cache) / task
         if lm:
@@ -140,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         sections.append(f"{desc} Task wall time {time.perf_counter() - t0:.0f} s.\n\n{suite.markdown()}\n")
         print(f"\n{sections[-1]}", flush=True)
+        if not lm and args.pbrf_sweep:
+            sections.append(pbrf_sweep(suite, [float(x) for x in args.pbrf_sweep.split(",")], args.sweep_examples))
+            print(f"\n{sections[-1]}", flush=True)
     total = time.perf_counter() - t_all
     report = [
         "## Accuracy",

@@ -190,17 +190,23 @@ def gauss_newton_product(
 
     vectors: canonical blocks [K, O, I] per layer -> the same shape. Summed, not averaged:
     divide by the batch size for the per-example mean G.
+
+    Runs under ``torch.no_grad``: the function transforms still differentiate with respect to
+    ``params``, but the model's *untracked* parameters (embeddings, layer norms) no longer
+    attach an ordinary autograd graph to the result, which LiSSA would otherwise chain across
+    all its iterations (gigabytes on the demo GPT-2).
     """
     params = space.params()
     dtype = next(iter(params.values())).dtype
     vectors = {n: v.to(dtype) for n, v in vectors.items()}
     out = lambda p: model_output(model, task, batch, p)  # noqa: E731
-    y, pullback = vjp(out, params)
-    jv = vmap(lambda t: jvp(out, (params,), (t,))[1])(space.to_params(vectors))  # [K, *y]
-    dloss = grad(lambda o: output_loss(task, batch, o))
-    hjv = vmap(lambda u: jvp(dloss, (y,), (u,))[1])(jv)  # [K, *y]
-    (back,) = vmap(pullback)(hjv)
-    return space.from_params(back)
+    with torch.no_grad():
+        y, pullback = vjp(out, params)
+        jv = vmap(lambda t: jvp(out, (params,), (t,))[1])(space.to_params(vectors))  # [K, *y]
+        dloss = grad(lambda o: output_loss(task, batch, o))
+        hjv = vmap(lambda u: jvp(dloss, (y,), (u,))[1])(jv)  # [K, *y]
+        (back,) = vmap(pullback)(hjv)
+    return {n: t.detach() for n, t in space.from_params(back).items()}
 
 
 def dense_gauss_newton(

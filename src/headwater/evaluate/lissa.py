@@ -115,8 +115,9 @@ class LiSSA:
     def _full_gnvp(self, train: Any, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = len(train)
         out = {k: torch.zeros_like(t) for k, t in v.items()}
-        for lo in range(0, n, self.batch_size):
-            idx = list(range(lo, min(n, lo + self.batch_size)))
+        b = max(self.batch_size, 64)  # the same full-data G either way; bigger batches amortize overhead
+        for lo in range(0, n, b):
+            idx = list(range(lo, min(n, lo + b)))
             for k, t in self._gnvp(train, idx, v).items():
                 out[k] += t * len(idx) / n
         return out

@@ -45,12 +45,17 @@ EXACT_MAX_PARAMETERS = 6000
 
 @dataclass
 class LiSSASettings:
-    """LiSSA's knobs; ``scale=None`` estimates it (see ``evaluate.lissa``)."""
+    """LiSSA's knobs; ``scale=None`` estimates it (see ``evaluate.lissa``).
+
+    seeds: how many minibatch orders a ``Suite`` runs (None: the suite's ``fit_seeds``). LiSSA
+    costs Q x depth Gauss-Newton products, so on the LM one order is all the budget allows.
+    """
 
     depth: int = 2000
     repeats: int = 1
     batch_size: int = 64
     scale: float | None = None
+    seeds: int | None = None
 
 
 @dataclass

@@ -83,12 +83,15 @@ class Suite:
     def scores(self, method: str) -> list[MethodResult]:
         """The method's results, one per fit seed (computed on first use)."""
         if method not in self.results:
-            seeds = [0] if method in DETERMINISTIC else list(range(self.fit_seeds))
+            n = self.fit_seeds if method != "lissa" or self.lissa.seeds is None else self.lissa.seeds
+            seeds = [0] if method in DETERMINISTIC else list(range(n))
             out = []
             for s in seeds:
                 try:
                     r = run_method(self.bench, method, self.damping, seed=s, lissa=self.lissa)
-                except ValueError as e:  # e.g. 'exact' on a model too large, 'ekfac-exact' on a LM
+                except (ValueError, NotImplementedError, ArithmeticError) as e:
+                    # 'exact' on a large model, 'ekfac-exact' on a task without gauss_newton_losses,
+                    # LiSSA diverging: report the method as skipped instead of losing the run
                     self.skipped[method] = str(e).split(";")[0]
                     self._say(f"{method}: skipped ({self.skipped[method]})")
                     out = []

@@ -150,12 +150,16 @@ def regression_benchmark(cfg: MLPConfig | None = None) -> Benchmark:
 
 @dataclass
 class LMConfig:
-    """The LM task: ``headwater.demo``'s corpus and model. ``small`` selects the demo's reduced size."""
+    """The LM task: ``headwater.demo``'s corpus and model (full size: the small demo model
+    answers almost none of its queries, so its attributions have nothing to find).
 
-    small: bool = True
+    modules: the MLP projections, as in the demo and the paper.
+    """
+
+    small: bool = False
     corpus_seed: int = 0
-    vocab_size: int | None = None
     n_queries: int | None = None
+    modules: str = "mlp"
 
 
 def lm_benchmark(cfg: LMConfig | None = None) -> Benchmark:
@@ -166,8 +170,7 @@ def lm_benchmark(cfg: LMConfig | None = None) -> Benchmark:
         raise ImportError("the 'lm' benchmark needs headwater.demo (the demo corpus and model)") from e
     cfg = cfg or LMConfig()
     corpus = demo.make_corpus(seed=cfg.corpus_seed, small=cfg.small)
-    kw = {} if cfg.vocab_size is None else {"vocab_size": cfg.vocab_size}
-    tokenizer = demo.train_tokenizer(corpus.docs, **kw)
+    tokenizer = demo.train_tokenizer(corpus.docs, vocab_size=(demo.SMALL if cfg.small else demo.FULL).vocab_size)
     task = LanguageModelingTask(tokenizer=tokenizer)
     train = list(corpus.docs)
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in corpus.queries]
@@ -184,7 +187,7 @@ def lm_benchmark(cfg: LMConfig | None = None) -> Benchmark:
 
     model = demo.train_model(train, tokenizer, seed=0, small=cfg.small)
     config = {"benchmark": "lm", **asdict(cfg)}
-    return Benchmark("lm", model, task, train, queries, retrain, None, 16, relevant, config)
+    return Benchmark("lm", model, task, train, queries, retrain, cfg.modules, 32, relevant, config)
 
 
 BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
