@@ -161,6 +161,31 @@ def test_per_token_flag_saves_full_tensor_and_agrees(files: dict[str, Path], sco
             assert e1["token_scores"] == pytest.approx(e0["token_scores"], rel=1e-3, abs=1e-7)
 
 
+def test_identity_strategy_with_low_rank_queries(files: dict[str, Path], tmp_path: Path) -> None:
+    """No factors to fit; rank-4 query gradients in the main pass and in the per-token re-scoring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wd = tmp_path / "wd"
+    fit = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--strategy",
+                 "identity", "--max-length", 40, "--quiet")  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 3, "--query-rank", 4, "--quiet")
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(files["model_a"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
+    docs = read_documents(files["train"])
+    queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in read_queries(files["queries"])]
+    an = hw.Attributor(model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), strategy="identity",
+                       modules="mlp")  # fmt: skip
+    ref = an.scores(queries, docs, batch_size=8, query_rank=4)
+    values = load_tensors(wd / "scores.safetensors")[0]["values"]
+    torch.testing.assert_close(values, ref.values, rtol=1e-4, atol=1e-6 * ref.values.abs().max().item())
+    for r in (json.loads(x) for x in (wd / "results.jsonl").read_text().splitlines()):
+        for e in r["top"] + r["bottom"]:
+            assert sum(e["token_scores"]) == pytest.approx(e["score"], rel=1e-3, abs=1e-6 * values.abs().max().item())
+    assert json.loads(invoke("inspect", wd, "--json").stdout)["fitted"] is True
+
+
 def test_report_regenerates_from_saved_files(scored: dict, tmp_path: Path) -> None:
     wd = scored["wd"]
     strip = lambda s: re.sub(r"generated [^.]*UTC", "", s)  # noqa: E731

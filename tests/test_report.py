@@ -91,6 +91,17 @@ def test_heatmap_spans_carry_text_colour_and_value() -> None:
         assert _rgb(re.search(r"background:(#[0-9a-f]{6})", a["style"]).group(1)) == color(v, 3.0)
 
 
+def test_long_sequences_show_a_window_around_the_peak() -> None:
+    tokens = [f" t{i}" for i in range(1000)]
+    scores = [0.0] * 1000
+    scores[900] = -5.0
+    p = parse(heatmap(tokens, scores, vmax=5.0, max_tokens=100))
+    shown = [a["data-v"] for t, a in p.tags if t == "span" and a.get("class") == "tok"]
+    assert len(shown) == 100 and "-5" in shown
+    text = "".join(p.text)
+    assert text.startswith("[850 tokens before]") and text.endswith("[50 tokens after]") and " t900" in text
+
+
 def test_distribution_chart_is_log_log_rank_plot() -> None:
     # |score| = 1/rank: a straight line on log-log axes, with equal steps per decade
     values = [1.0 / r for r in range(1, 201)] + [-0.5 / r for r in range(1, 51)]

@@ -270,7 +270,7 @@ def score_workdir(
 
     workdir = Path(workdir)
     settings = _read_cli_json(workdir)
-    if _factors_meta(workdir) is None:
+    if settings.get("strategy") != "identity" and _factors_meta(workdir) is None:
         raise InputError(f"workdir {workdir} has no fitted factors (factors.safetensors); run `headwater fit` first")
     qs = read_queries(queries)
     if data is None:
@@ -478,7 +478,7 @@ def inspect_workdir(workdir: str | Path) -> dict:
             "n_train": settings.get("n_train"),
         },
         "layers": [],
-        "fitted": False,
+        "fitted": config.get("strategy") == "identity",  # nothing to fit
         "files": {},
     }
     fpath = workdir / "factors.safetensors"

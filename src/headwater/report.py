@@ -66,7 +66,7 @@ li.seq { padding: 8px 0 10px; border-bottom: 1px solid var(--line); }
                     z-index: 3; }
 a { color: #2457a6; text-decoration: none; } a:hover { text-decoration: underline; }
 .pos { color: var(--pos); } .neg { color: var(--neg); }
-.empty { color: var(--muted); font-style: italic; }
+.empty, .cut { color: var(--muted); font-style: italic; }
 """
 
 
@@ -253,9 +253,26 @@ def legend(vmax: float, gid: str = "lg") -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def heatmap(tokens: list[str], scores: list[float], vmax: float) -> str:
+MAX_TOKENS = 400  # per shown sequence: long documents get a window, not a 10 MB page
+
+
+def _window(scores: list[float], limit: int) -> tuple[int, int]:
+    """[lo, hi) of at most ``limit`` tokens, centred on the largest |influence|."""
+    n = len(scores)
+    if n <= limit:
+        return 0, n
+    peak = max(range(n), key=lambda i: abs(scores[i]))
+    lo = min(max(0, peak - limit // 2), n - limit)
+    return lo, lo + limit
+
+
+def heatmap(tokens: list[str], scores: list[float], vmax: float, max_tokens: int = MAX_TOKENS) -> str:
+    """Tokens as coloured spans; the value shows on hover (CSS tooltip and title)."""
+    lo, hi = _window(scores, max_tokens)
     spans = []
-    for piece, v in zip(tokens, scores):
+    if lo > 0:
+        spans.append(f'<span class="cut">[{lo} tokens before] </span>')
+    for piece, v in zip(tokens[lo:hi], scores[lo:hi]):
         rgb = color(v, vmax)
         ink = "#fff" if vmax > 0 and abs(v) / vmax > 0.4 else "inherit"  # dark background past ~sqrt(0.4)
         label = f"{v:+.3g}"
@@ -263,6 +280,8 @@ def heatmap(tokens: list[str], scores: list[float], vmax: float) -> str:
             f'<span class="tok" style="background:{_hex(rgb)};color:{ink}" data-v="{label}" '
             f'title="{_e(repr(piece))}: {label}">{_e(piece)}</span>'
         )
+    if hi < len(tokens):
+        spans.append(f'<span class="cut"> [{len(tokens) - hi} tokens after]</span>')
     return f'<div class="heatmap">{"".join(spans)}</div>'
 
 
