@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -346,3 +347,43 @@ def test_relevant_sets_from_fact_labels_and_retrieval_errors():
         retrieval(torch.zeros(1, 3), [{0}], ks=(0,))
     with pytest.raises(ValueError, match=r"scores must be \[Q, N\]"):
         retrieval(torch.zeros(3), [{0}])
+
+
+# ---------------------------------------------------------------------------------------
+# CLI (headwater evaluate ...)
+# ---------------------------------------------------------------------------------------
+
+
+def test_cli_lds_runs_on_a_builtin_task_and_resumes_from_its_cache(tmp_path):
+    from typer.testing import CliRunner
+
+    from headwater.evaluate.cli import app
+
+    args = ["lds", "--task", "regression", "--subsets", "3", "--seeds", "1", "--methods", "identity,ekfac"]
+    args += ["--fit-seeds", "1", "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "| ekfac |" in res.output and (tmp_path / "regression" / "lds.json").exists()
+    cached = sorted((tmp_path / "regression").glob("retrain-*/subset*.safetensors"))
+    assert len(cached) == 3
+    first = json.loads((tmp_path / "regression" / "lds.json").read_text())
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes  # read from the cache, not retrained
+    assert json.loads((tmp_path / "regression" / "lds.json").read_text())["metrics"] == first["metrics"]
+
+
+def test_cli_rejects_unknown_methods_and_tasks_without_facts():
+    from typer.testing import CliRunner
+
+    from headwater.evaluate.cli import app
+
+    res = CliRunner().invoke(app, ["lds", "--methods", "ekfac,magic"])
+    assert res.exit_code != 0 and "unknown method" in res.output
+    res = CliRunner().invoke(app, ["lds", "--task", "cifar"])
+    assert res.exit_code != 0 and "is unknown" in res.output
+    res = CliRunner().invoke(app, ["retrieval", "--task", "digits"])
+    assert res.exit_code != 0 and "no planted facts" in res.output
+    res = CliRunner().invoke(app, ["retrieval", "--k", "a,b"])
+    assert res.exit_code != 0 and "comma-separated integers" in res.output

@@ -51,9 +51,10 @@ def _methods(spec: str) -> list[str]:
 def _suite(task: str, methods: str, fit_seeds: int, depth: int, threads: int) -> Suite:
     if task not in BENCHMARKS:
         raise typer.BadParameter(f"--task {task!r} is unknown; choose one of {', '.join(BENCHMARKS)}")
+    chosen = _methods(methods)  # before training anything
     torch.set_num_threads(threads)
     typer.echo(f"[{task}] training the benchmark model ...")
-    return Suite(load_benchmark(task), _methods(methods), fit_seeds=fit_seeds, lissa=LiSSASettings(depth=depth))
+    return Suite(load_benchmark(task), chosen, fit_seeds=fit_seeds, lissa=LiSSASettings(depth=depth))
 
 
 def _report(suite: Suite, out: Path, command: str, settings: dict) -> None:
