@@ -22,6 +22,15 @@ from _reference import autograd_grads, blocks, dense_gauss_newton
 from headwater.index import CorruptIndexError, GradientIndex, build_index, query_index
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: on a shared 2-core machine two spinning OpenMP threads are far slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def gpt2():
     return tiny_gpt2()
@@ -387,3 +396,75 @@ def test_faiss_top_k_equals_the_scan(tmp_path, gpt2):
     fast = query_index(an, lm_queries(3), tmp_path, top_k=4, use_faiss=True)
     assert fast.meta["top"]["indices"] == scan.meta["top"]["indices"]
     torch.testing.assert_close(fast.top(4).values, scan.top(4).values, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: `headwater index build / query` on a local model directory
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_workdir(tmp_path_factory):
+    """A tiny GPT-2 + tokenizer saved with save_pretrained, fitted by `headwater fit` and scored
+    exactly by `headwater score --query-rank 0` (the reference for the index's scores)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from headwater.cli import app
+    from headwater.demo import make_corpus, train_tokenizer
+
+    root = tmp_path_factory.mktemp("index_cli")
+    corpus = make_corpus(seed=3, small=True)
+    tok = train_tokenizer(corpus.docs, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=1, n_head=2)
+    GPT2LMHeadModel(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus.docs[:24]))
+    queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in corpus.queries[:2]]
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    wd = root / "wd"
+    runner = CliRunner()
+    args = ["fit", "--model", root / "model", "--data", root / "train.jsonl", "--workdir", wd, "--batch-size", 8,
+            "--max-length", 40, "--quiet"]  # fmt: skip
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    args = ["score", "--workdir", wd, "--queries", root / "queries.jsonl", "--query-rank", 0, "--quiet"]
+    assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    return {"root": root, "wd": wd, "queries": root / "queries.jsonl", "runner": runner}
+
+
+def _invoke_index(ctx, *args):
+    from headwater.index_cli import index_app
+
+    return ctx["runner"].invoke(index_app, [str(a) for a in args])
+
+
+def test_cli_build_and_query_reproduce_the_engine_scores_with_a_full_dim_rotation(cli_workdir):
+    ctx = cli_workdir
+    res = _invoke_index(ctx, "build", "--workdir", ctx["wd"], "--dim", 65, "--projection", "orthogonal",
+                        "--curvature", "ekfac", "--dtype", "float32", "--shard-size", 10, "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = _invoke_index(ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--top-k", 3, "--quiet")
+    assert res.exit_code == 0, res.output
+    from headwater.storage import load_tensors
+
+    index_scores, meta = load_tensors(ctx["wd"] / "index_scores.safetensors")
+    engine_scores, _ = load_tensors(ctx["wd"] / "scores.safetensors")
+    exact = engine_scores["values"]
+    torch.testing.assert_close(index_scores["values"].to(exact.dtype), exact, rtol=1e-4, atol=1e-5 * exact.abs().max())
+    results = [json.loads(x) for x in (ctx["wd"] / "index_results.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in results[0]["top"]] == exact[0].topk(3).indices.tolist()
+    assert "index (orthogonal projection, dim 65, ekfac curvature)" in (ctx["wd"] / "index_report.html").read_text()
+    assert (ctx["wd"] / "report.html").exists()  # the engine's report is left alone
+
+
+def test_cli_errors_are_one_line(cli_workdir, tmp_path):
+    ctx = cli_workdir
+    res = _invoke_index(ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--index", tmp_path / "none")
+    assert res.exit_code == 2 and "no index at" in res.stderr and "Traceback" not in res.stderr
+    res = _invoke_index(ctx, "build", "--workdir", tmp_path / "missing", "--quiet")
+    assert res.exit_code == 2 and "does not exist; run `headwater fit" in res.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "a different training document"}) + "\n")
+    res = _invoke_index(ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--data", other)
+    assert res.exit_code == 2 and "was built from other data" in res.stderr

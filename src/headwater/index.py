@@ -118,7 +118,9 @@ DENSE_MAX = 4096
 # Records per shard: the unit of resumption and of distributed work. 4096 records keeps a
 # shard around 4 MiB at the default size and the resume loss under a minute of work on GPU.
 DEFAULT_SHARD_SIZE = 4096
-_SCAN_CHUNK_BYTES = 1 << 26  # records converted to float32 at a time during a scan (64 MiB)
+# Records converted to float32 per step of a scan: 8 MiB stays in L2/L3 between the conversion
+# and the product. Large blocks measured 2-3x slower on CPU (benchmarks/results/index.md).
+_SCAN_BLOCK_BYTES = 1 << 23
 
 
 class CorruptIndexError(ValueError):
@@ -618,29 +620,33 @@ class GradientIndex:
     def scan(self, q: torch.Tensor, per_layer: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Scores of preconditioned projected queries q [Q, D] against every record: [Q, N].
 
-        Shards are read through their memory maps in chunks of about 64 MiB of float32, so an
-        index larger than memory streams through the page cache.
+        Shards are read through their memory maps a cache-sized block at a time: each block is
+        converted to float32 into one reused buffer (no fresh allocation, so no page faults)
+        and multiplied while it is still in cache. Results fill an [N, Q] matrix row-block by
+        row-block and are transposed once at the end.
         """
-        q = q.to("cpu", torch.float32).contiguous()
-        n_q = q.shape[0]
-        values = torch.empty(n_q, self.n_records, dtype=torch.float32)
-        layers = {ly.name: torch.empty(n_q, self.n_records) for ly in self.layers} if per_layer else None
-        rows = max(1, _SCAN_CHUNK_BYTES // (4 * self.record_dim))
+        q_t = q.to("cpu", torch.float32).T.contiguous()  # [D, Q]
+        n_q = q_t.shape[1]
+        values = torch.zeros(self.n_records, n_q)
+        layers = {ly.name: torch.empty(self.n_records, n_q) for ly in self.layers} if per_layer else None
+        rows = max(64, _SCAN_BLOCK_BYTES // (4 * self.record_dim))
+        buf = torch.empty(rows, self.record_dim) if self.dtype != "float32" else None
         for j, entry in enumerate(self.shards):
             r = self.shard(j)
             for i in range(0, r.shape[0], rows):
-                x = r[i : i + rows]
-                x = x if x.dtype == torch.float32 else x.float()  # [n, D]
-                lo, hi = entry["start"] + i, entry["start"] + i + x.shape[0]
+                block = r[i : i + rows]
+                if buf is not None:
+                    block = buf[: block.shape[0]].copy_(block)  # [n, D] float32
+                lo, hi = entry["start"] + i, entry["start"] + i + block.shape[0]
                 if layers is None:
-                    values[:, lo:hi] = q @ x.T
+                    torch.mm(block, q_t, out=values[lo:hi])
                     continue
-                values[:, lo:hi] = 0
                 for ly in self.layers:
                     cols = slice(ly.offset, ly.offset + ly.size)
-                    layers[ly.name][:, lo:hi] = q[:, cols] @ x[:, cols].T
-                    values[:, lo:hi] += layers[ly.name][:, lo:hi]
-        return values, layers
+                    torch.mm(block[:, cols], q_t[cols], out=layers[ly.name][lo:hi])
+                    values[lo:hi] += layers[ly.name][lo:hi]
+        per = {n: v.T.contiguous() for n, v in layers.items()} if layers is not None else None
+        return values.T.contiguous(), per
 
 
 # ---------------------------------------------------------------------------------------
