@@ -235,11 +235,6 @@ def _token_pieces(tok: Any, ids: list[int]) -> list[str]:
     return out
 
 
-def _unique(xs: list[int]) -> list[int]:
-    seen: set[int] = set()
-    return [x for x in xs if not (x in seen or seen.add(x))]
-
-
 def score_workdir(
     workdir: str | Path,
     queries: str | Path,
@@ -299,7 +294,7 @@ def score_workdir(
     top, bottom = sc.top(k), sc.bottom(k)
 
     # per-token scores of the shown sequences: [Q][index] -> list over positions
-    shown = [_unique(top.indices[q].tolist() + bottom.indices[q].tolist()) for q in range(len(qs))]
+    shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
     tokens_of: dict[int, list[int]] = {}
     for idx in {i for s in shown for i in s}:
         tokens_of[idx] = task.collate([docs[idx]])["input_ids"][0].tolist()
