@@ -388,14 +388,19 @@ def test_gradients_beyond_float16_range_are_refused_with_a_fix(tmp_path):
     assert torch.isfinite(idx.records()).all()
 
 
-def test_faiss_top_k_equals_the_scan(tmp_path, gpt2):
+@pytest.mark.parametrize("ivf_min", [10**9, 1])  # exact flat index; IVF (one cell, float16 vectors)
+def test_faiss_top_k_equals_the_scan(tmp_path, gpt2, monkeypatch, ivf_min):
     pytest.importorskip("faiss")
+    monkeypatch.setattr(hwi, "FAISS_IVF_MIN", ivf_min)
     an = hw.Attributor(gpt2, modules="mlp", strategy="identity")
-    build_index(an, lm_data(12), dim=4, path=tmp_path, shard_size=5, curvature="identity", dtype="float32")
+    build_index(an, lm_data(40), dim=4, path=tmp_path, shard_size=15, curvature="identity", dtype="float32")
     scan = query_index(an, lm_queries(3), tmp_path, top_k=4)
     fast = query_index(an, lm_queries(3), tmp_path, top_k=4, use_faiss=True)
     assert fast.meta["top"]["indices"] == scan.meta["top"]["indices"]
-    torch.testing.assert_close(fast.top(4).values, scan.top(4).values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.top(4).values, scan.top(4).values, rtol=2e-3, atol=1e-5)
+    assert len(list(tmp_path.glob("faiss-*.index"))) == 1  # built once, reused by the next query
+    query_index(an, lm_queries(1), tmp_path, top_k=2, use_faiss=True)
+    assert len(list(tmp_path.glob("faiss-*.index"))) == 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -1025,32 +1025,55 @@ def query_index(
 # Optional FAISS search
 # ---------------------------------------------------------------------------------------
 
-FAISS_FILE = "faiss-ip.index"
+# Below this many records FAISS gets an exact flat inner-product index; above it an inverted
+# file (k-means cells, float16 scalar-quantized vectors) that probes FAISS_NPROBE cells per
+# query, which is what makes indexes too large to scan searchable. IVF results are approximate.
+FAISS_IVF_MIN = 50_000
+FAISS_NPROBE = 32
+
+
+def _faiss_spec(n: int) -> str:
+    """The FAISS index_factory string for n records: Flat, or IVF with ~4 sqrt(n) cells.
+
+    FAISS wants at least 39 training points per cell, hence the cap at n // 39.
+    """
+    if n < FAISS_IVF_MIN:
+        return "Flat"
+    return f"IVF{max(1, min(int(4 * math.sqrt(n)), n // 39))},SQfp16"
+
+
+def _faiss_index(index: GradientIndex, faiss: Any) -> Any:
+    """Build (once, saved next to the shards with FAISS's own writer) or load the FAISS index."""
+    spec = _faiss_spec(index.n_records)
+    key = hashlib.sha256(repr((index.shards, spec)).encode()).hexdigest()[:16]
+    file = index.path / f"faiss-{key}.index"
+    if file.exists():
+        return faiss.read_index(str(file))
+    fidx = faiss.index_factory(index.record_dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if not fidx.is_trained:  # k-means on a strided sample of at most 256 records per cell
+        step = max(1, index.n_records // (256 * faiss.extract_index_ivf(fidx).nlist))
+        fidx.train(np.ascontiguousarray(index.records()[::step].numpy()))
+    for j in range(len(index.shards)):
+        fidx.add(np.ascontiguousarray(index.shard(j).float().numpy()))
+    tmp = file.with_name(f".{file.name}.part")
+    faiss.write_index(fidx, str(tmp))
+    os.replace(tmp, file)
+    return fidx
 
 
 def _faiss_scores(index: GradientIndex, q: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Top-k inner products through FAISS, as a [Q, N] tensor that is -inf off the top-k.
-
-    The FAISS index (exact inner product, ``IndexFlatIP``) is built once from the shards and
-    saved next to them with FAISS's own writer; it is rebuilt when the manifest changes.
-    """
+    """Top-k inner products through FAISS, as a [Q, N] tensor that is -inf off the top-k."""
     try:
         import faiss
     except ImportError as e:
         raise ImportError("use_faiss=True needs FAISS: pip install faiss-cpu (or faiss-gpu)") from e
-    key = hashlib.sha256(repr(index.shards).encode()).hexdigest()[:16]
-    file = index.path / f"{FAISS_FILE}.{key}"
-    if file.exists():
-        fidx = faiss.read_index(str(file))
-    else:
-        fidx = faiss.IndexFlatIP(index.record_dim)
-        for j in range(len(index.shards)):
-            fidx.add(np.ascontiguousarray(index.shard(j).float().numpy()))
-        tmp = file.with_name(f".{file.name}.part")
-        faiss.write_index(fidx, str(tmp))
-        os.replace(tmp, file)
+    fidx = _faiss_index(index, faiss)
+    if _faiss_spec(index.n_records).startswith("IVF"):
+        faiss.extract_index_ivf(fidx).nprobe = FAISS_NPROBE
     k = min(top_k, index.n_records)
     sims, ids = fidx.search(np.ascontiguousarray(q.to(torch.float32).numpy()), k)
     values = torch.full((q.shape[0], index.n_records), -math.inf)
-    values.scatter_(1, torch.from_numpy(ids).long(), torch.from_numpy(sims))
+    found = ids >= 0  # IVF may return fewer than k hits (-1) when the probed cells are small
+    rows = np.nonzero(found)[0]
+    values[torch.from_numpy(rows), torch.from_numpy(ids[found]).long()] = torch.from_numpy(sims[found])
     return values
