@@ -10,6 +10,12 @@ over examples and scored tokens:
 - ``measurement(model, batch)``: the query function f. Built-in tasks use the loss itself,
   so for a language model f is the completion's summed NLL and a positive score means that
   upweighting a training sequence raises the completion's log-probability.
+- ``sampled_losses(model, batch, samples)``: k = ``samples`` pseudo-losses from k independent
+  label draws, each scaled by 1/sqrt(k) so that their gradients' outer products *average* over
+  the draws (``fisher="sampled"``). The default calls ``loss(sample=True)`` k times; the
+  built-in tasks override it to draw all k labels from one forward pass.
+- ``topk_losses(model, batch, samples)`` (optional): ``fisher="topk"``, the variance-reduced
+  estimator for peaked softmax outputs (see ``_topk_tail``).
 - ``gauss_newton_losses(model, batch)`` (optional): pseudo-losses whose gradients' outer
   products sum *exactly* to G, for ``fisher="exact"``. For a softmax with probabilities p,
   ``H = diag(p) - p p^T = sum_k sqrt(p_k)(e_k - p) (sqrt(p_k)(e_k - p))^T``, so one pseudo-loss
@@ -58,6 +64,21 @@ class Task:
     def token_mask(self, batch: Any) -> torch.Tensor | None:
         return None
 
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` pseudo-losses with independently drawn labels, each scaled by 1/sqrt(k).
+
+        This default runs the model once per draw. That is still exact: the capture concatenates
+        a layer's repeated calls along the token axis, so each pseudo-gradient is that draw's.
+        But each backward then visits all k recorded calls, so the cost grows as k^2: override
+        it to draw all labels from one forward pass, as the built-in tasks do.
+        """
+        return [self.loss(model, batch, sample=True) * samples**-0.5 for _ in range(samples)]  # x 1.0 is exact
+
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        raise NotImplementedError(
+            f"fisher='topk' needs {type(self).__name__}.topk_losses(); use fisher='sampled' or implement it"
+        )
+
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         raise NotImplementedError(
             f"fisher='exact' needs {type(self).__name__}.gauss_newton_losses(); use fisher='sampled' or implement it"
@@ -84,20 +105,71 @@ def _logits(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def _sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+def _sample_categorical(logits: torch.Tensor, samples: int | None = None) -> torch.Tensor:
     """Labels drawn from softmax(logits) [..., C], from torch's global RNG (seeded per batch).
 
-    Inverse-CDF sampling (cumsum + searchsorted) is several times faster than
-    ``torch.multinomial`` for LM vocabularies.
+    Returns [...], or [..., samples] independent draws when ``samples`` is given (one uniform
+    tensor either way, so ``samples=1`` draws exactly what ``samples=None`` does).
     """
     if not torch.isfinite(logits.sum()):  # one cheap reduction; NaN/inf anywhere propagates
         raise NonFiniteError(
             "the model's outputs contain NaN or inf, so no labels can be sampled from them; "
             "check the weights and inputs, or run in float32"
         )
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device) * cdf[..., -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    drawn = _inverse_cdf(torch.softmax(logits.float(), dim=-1), 1 if samples is None else samples)
+    return drawn.squeeze(-1) if samples is None else drawn
+
+
+def _inverse_cdf(p: torch.Tensor, samples: int) -> torch.Tensor:
+    """[..., samples] draws from the (unnormalized) weights p [..., C].
+
+    Inverse-CDF sampling (cumsum + searchsorted) is several times faster than
+    ``torch.multinomial`` for LM vocabularies.
+    """
+    cdf = p.cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (samples,), device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).clamp_(max=p.shape[-1] - 1)
+
+
+def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | float) -> list[torch.Tensor]:
+    """Pseudo-losses ``-sum_t w_tj log p_t(y_tj)``, j = 1..J, from log_probs [M, C], labels [M, J].
+
+    Each one's logit gradient is ``w_tj (p_t - e_{y_tj})``. All J share one log-softmax, so the
+    graph holds a single [M, C] tensor rather than one per draw (J cross-entropies would keep J).
+    """
+    w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device).expand(labels.shape)
+    return [-(log_probs.gather(-1, labels[:, j : j + 1]).squeeze(-1) * w[:, j]).sum() for j in range(labels.shape[1])]
+
+
+def _topk_tail(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and signed weights [M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
+
+    With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T``. For a peaked p almost all of that mass is
+    in a few classes, and plain sampling spends its draws re-drawing them while the rare draw
+    of a tail class, whose v_c is large, decides the estimate. Here the top m = samples - 1
+    classes enter exactly (weight sqrt(p_c)), and one label y drawn from the renormalized tail
+    enters with weight sqrt(r), r = the tail mass: ``sum_top p_c v_c v_c^T + r v_y v_y^T`` is
+    unbiased for H at the cost of ``samples`` backward passes, like ``samples`` plain draws.
+    With samples >= C every class enters exactly and nothing is drawn.
+
+    Why random signs: a pseudo-loss sums its per-token terms over a sequence, so the sequence
+    gradient's outer product also holds cross-token products u_t u_t'^T. A sampled v_y has mean
+    zero, which kills them in expectation; a deterministic sqrt(p_c) v_c does not. An
+    independent Rademacher sign per token and pseudo-loss restores E[cross terms] = 0, so
+    EK-FAC's Lambda stays unbiased for multi-token sequences (a single token is unaffected).
+    """
+    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    c = p.shape[-1]
+    m = c if samples >= c else samples - 1
+    top_p, top_i = p.topk(m, dim=-1)  # [M, m]
+    labels, weights = [top_i], [top_p.sqrt()]
+    if m < c:
+        tail = p.scatter(-1, top_i, 0.0)
+        labels.append(_inverse_cdf(tail, 1))
+        weights.append(tail.sum(-1, keepdim=True).sqrt())
+    w = torch.cat(weights, dim=-1)
+    signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype) * 2 - 1
+    return torch.cat(labels, dim=-1), w * signs
 
 
 def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -213,6 +285,24 @@ class LanguageModelingTask(Task):
             reduction="sum",
         )
 
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` label draws per scored token from one forward pass (see ``Task``)."""
+        if _overrides_loss(self, LanguageModelingTask):
+            return super().sampled_losses(model, batch, samples)
+        logits, targets = self._forward(model, batch)
+        logits = logits[targets != IGNORE]  # [M, V]
+        with torch.no_grad():
+            drawn = _sample_categorical(logits, samples)  # [M, k]
+        return _label_losses(F.log_softmax(logits.float(), dim=-1), drawn, samples**-0.5)
+
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """Top-(samples-1) tokens exactly plus one tail draw per scored token (see ``_topk_tail``)."""
+        logits, targets = self._forward(model, batch)
+        logits = logits[targets != IGNORE]  # [M, V]
+        with torch.no_grad():
+            labels, weights = _topk_tail(logits, samples)
+        return _label_losses(F.log_softmax(logits.to(weights.dtype), dim=-1), labels, weights)
+
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
 
@@ -244,6 +334,24 @@ class ClassificationTask(Task):
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
 
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` label draws per example from one forward pass (see ``Task``)."""
+        if _overrides_loss(self, ClassificationTask):
+            return super().sampled_losses(model, batch, samples)
+        inputs, _ = self._split(batch)
+        logits = _logits(model(inputs))
+        with torch.no_grad():
+            drawn = _sample_categorical(logits, samples)  # [N, k]
+        return _label_losses(F.log_softmax(logits.float(), dim=-1), drawn, samples**-0.5)
+
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """Top-(samples-1) classes exactly plus one tail draw (see ``_topk_tail``); exact once samples >= C."""
+        inputs, _ = self._split(batch)
+        logits = _logits(model(inputs))
+        with torch.no_grad():
+            labels, weights = _topk_tail(logits, samples)
+        return _label_losses(F.log_softmax(logits.to(weights.dtype), dim=-1), labels, weights)
+
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         inputs, _ = self._split(batch)
         yield from _softmax_gn_losses(_logits(model(inputs)))
@@ -273,12 +381,27 @@ class RegressionTask(Task):
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
 
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` pseudo-target draws per example from one forward pass (see ``Task``)."""
+        if _overrides_loss(self, RegressionTask):
+            return super().sampled_losses(model, batch, samples)
+        inputs, _ = self._split(batch)
+        pred = _logits(model(inputs))
+        with torch.no_grad():
+            targets = pred + torch.randn((samples, *pred.shape), dtype=pred.dtype, device=pred.device)
+        return [0.5 * ((pred - t) ** 2).sum() * samples**-0.5 for t in targets]  # x 1.0 is exact for k = 1
+
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         inputs, _ = self._split(batch)
         pred = _logits(model(inputs))
         pred = pred.reshape(pred.shape[0], -1)
         for k in range(pred.shape[1]):
             yield pred[:, k].sum()
+
+
+def _overrides_loss(task: Task, builtin: type) -> bool:
+    """Whether a subclass replaced the built-in ``loss``: then its own loss must draw the labels."""
+    return type(task).loss is not builtin.loss
 
 
 def _as_list(x: Any) -> list[int]:
