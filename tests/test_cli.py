@@ -423,6 +423,30 @@ def test_interrupted_score_leaves_no_partial_files(
 
 
 def test_help_on_every_command() -> None:
-    for cmd in ([], ["demo"], ["fit"], ["score"], ["report"], ["inspect"]):
+    groups = (["analyze"], ["evaluate"], ["evaluate", "lds"], ["evaluate", "pbrf"], ["evaluate", "retrieval"],
+              ["index"], ["index", "build"], ["index", "query"])  # fmt: skip
+    for cmd in ([], ["demo"], ["fit"], ["score"], ["report"], ["inspect"], *groups):
         res = invoke(*cmd, "--help")
         assert res.exit_code == 0 and "Usage:" in res.stdout, cmd
+
+
+def test_candidates_score_only_bm25_candidates_and_analyze_reads_the_run(
+    files: dict[str, Path], scored: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    wd = tmp_path / "wd"
+    shutil.copytree(scored["wd"], wd)
+    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 2, "--query-rank", 0,
+                 "--candidates", 3, "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    tensors, _ = load_tensors(wd / "scores.safetensors")
+    assert tensors["mask"].sum(1).tolist() == [3, 3, 3]
+    full, _ = load_tensors(scored["wd"] / "scores.safetensors")
+    torch.testing.assert_close(tensors["values"][tensors["mask"]], full["values"][tensors["mask"]])
+    for row in map(json.loads, (wd / "results.jsonl").read_text().splitlines()):
+        assert all(tensors["mask"][row["query"], e["index"]] for e in row["top"])
+    out = invoke("analyze", str(wd))
+    assert out.exit_code == 0, out.output
+    analysis = json.loads((wd / "analysis.json").read_text())
+    assert analysis["n_queries"] == 3 and analysis["n_train"] == 20

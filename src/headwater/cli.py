@@ -249,6 +249,7 @@ def score_workdir(
     progress: bool = True,
     log: Log = print,
     title: str | None = None,
+    candidates: int | None = None,
 ) -> list[dict]:
     """Score queries against the training data; write scores, results.jsonl and report.html.
 
@@ -290,7 +291,7 @@ def score_workdir(
     log(f"scoring {len(qs)} queries against {len(docs)} training documents (query rank {rank or 'full'})")
     t0 = time.perf_counter()
     sc = an.scores(clean_q, docs, batch_size=bs, damping=damping, query_rank=rank, per_layer=True,
-                   per_token=per_token)  # fmt: skip
+                   per_token=per_token, candidates=candidates)  # fmt: skip
     top, bottom = sc.top(k), sc.bottom(k)
 
     # per-token scores of the shown sequences: [Q][index] -> list over positions
@@ -344,7 +345,7 @@ def score_workdir(
         res["bottom"] = [entry(q, i, float(v)) for i, v in zip(bottom.indices[q].tolist(), bottom.values[q].tolist())]
         res["per_layer_top"] = {n: sum(e["per_layer"][n] for e in res["top"]) for n in layers}
         res["per_layer_bottom"] = {n: sum(e["per_layer"][n] for e in res["bottom"]) for n in layers}
-        row = sc.values[q]
+        row = sc.values[q] if sc.mask is None else sc.values[q][sc.mask[q]]  # only scored candidates
         res["stats"] = {
             "n": int(row.numel()),
             "positive": int((row > 0).sum()),
@@ -761,6 +762,10 @@ def score(
         int | None, typer.Option("--batch-size", min=1, help="Sequences per batch (default: as fitted).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ... (default: as fitted).")] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option("--candidates", min=1, help="Score only each query's top-N BM25 candidates (paper: 10,000)."),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -771,6 +776,7 @@ def score(
         results = score_workdir(
             workdir, queries, data=data, top_k=top_k, query_rank=query_rank or None, damping=damping,
             per_token=per_token, batch_size=batch_size, device=device, progress=not quiet, log=log,
+            candidates=candidates,
         )  # fmt: skip
         for r in results:
             best = r["top"][0]
@@ -806,6 +812,16 @@ def inspect(
     quiet, debug, _ = _setup(True, debug)
     info = _run(quiet, debug, lambda: inspect_workdir(workdir))
     typer.echo(json.dumps(info, indent=2) if as_json else _format_inspect(info))
+
+
+# Command groups that live beside their modules (imported last: they reuse this module's helpers).
+from .analysis import analyze_command  # noqa: E402
+from .evaluate.cli import app as evaluate_app  # noqa: E402
+from .index_cli import index_app  # noqa: E402
+
+app.command("analyze")(analyze_command)
+app.add_typer(evaluate_app, name="evaluate", help="Measure attribution quality: LDS, PBRF, planted-fact retrieval.")
+app.add_typer(index_app, name="index", help="Build a projected-gradient index once; answer queries from it.")
 
 
 def main() -> None:  # pragma: no cover - `python -m headwater.cli`
