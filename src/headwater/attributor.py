@@ -44,6 +44,7 @@ from .data import check_batch_size, check_data, fingerprint, iter_batches
 from .distributed import all_reduce_, barrier, broadcast_, is_main, rank_world
 from .errors import NotFittedError
 from .layers import select_layers
+from .refine import check_refine, refine
 from .scoring import QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
 from .storage import SCHEMA_VERSION, load_json, load_tensors, model_fingerprint, save_json, save_tensors
 from .task import LanguageModelingTask, Task
@@ -387,12 +388,24 @@ class Attributor:
         return {n: float(damping) for n in curvature}
 
     def query_gradients(
-        self, queries: Any, batch_size: int = 8, damping: float | None = None, query_rank: int | None = None
+        self,
+        queries: Any,
+        batch_size: int = 8,
+        damping: float | None = None,
+        query_rank: int | None = None,
+        refine_steps: int = 0,
+        refine_data: Any = None,
+        refine_blocks: str = "full",
     ) -> dict[str, QueryGradients]:
         """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer, optionally low-rank.
 
         Queries are processed batch by batch and truncated as they come, so memory holds
         only the (low-rank) result. Every rank computes all of them.
+
+        ``refine_steps=n`` replaces them by n steps of preconditioned conjugate gradients toward
+        the exact damped Gauss-Newton over ``refine_data`` (``headwater.refine``), EK-FAC being
+        the preconditioner; ``refine_blocks`` is "full" (cross-layer terms of G) or "layer".
+        That holds every query's full gradient in memory and costs n + 1 passes over the data.
         """
         queries = check_data(queries, "queries")
         batch_size = check_batch_size(batch_size)
@@ -400,17 +413,29 @@ class Attributor:
             isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1
         ):
             raise ValueError(f"query_rank must be None or a positive integer, got {query_rank!r}")
+        refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks)
+        if refine_steps and refine_data is None:
+            raise ValueError(f"refine_steps={refine_steps} needs refine_data, the data G is taken over (the fit data)")
         curvature = self._require_fitted()
         lam = self.damping(damping)
         parts: dict[str, list[QueryGradients]] = {n: [] for n in self.layers}
 
         def consume(c: LayerCapture, lo: int, first: bool) -> None:
-            p = curvature[c.name].solve(per_example_grads(c.a, c.g), lam[c.name])
-            parts[c.name].append(QueryGradients.build(p, query_rank))
+            g = per_example_grads(c.a, c.g)
+            p = g if refine_steps else curvature[c.name].solve(g, lam[c.name])  # refine preconditions itself
+            parts[c.name].append(QueryGradients.build(p, None if refine_steps else query_rank))
 
         measure = lambda b: [self.task.measurement(self.model, b)]  # noqa: E731
         self._stream(queries, batch_size, "queries", measure, consume, "query gradients", shard=False)
-        return {n: QueryGradients.concat(ps) for n, ps in parts.items()}
+        out = {n: QueryGradients.concat(ps) for n, ps in parts.items()}
+        if refine_steps:
+            grads = {n: q.full for n, q in out.items()}
+            refine_data = check_data(refine_data, "refinement data")
+            with self._eval_mode():
+                p = refine(self.model, self.task, self.layers, curvature, lam, grads, refine_data, refine_steps,
+                           batch_size, refine_blocks).solution  # fmt: skip
+            out = {n: QueryGradients.build(p[n].to(grads[n].dtype), query_rank) for n in self.layers}
+        return out
 
     def scores(
         self,
@@ -422,6 +447,8 @@ class Attributor:
         per_layer: bool = False,
         per_token: bool = False,
         candidates: int | None = None,
+        refine_steps: int = 0,
+        refine_blocks: str = "full",
     ) -> Scores:
         """Influence of every training example on every query: ``Scores.values`` [Q, N].
 
@@ -436,7 +463,13 @@ class Attributor:
         ``candidates=N`` scores only each query's top-N training sequences by the paper's BM25
         over token ids (``headwater.filtering``); the others get 0, and ``Scores.mask`` [Q, N]
         says which were scored.
+
+        ``refine_steps=n`` refines the preconditioned query gradients by n conjugate-gradient
+        steps toward the exact damped Gauss-Newton over ``train`` (see ``query_gradients``).
         """
+        refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks)
+        if candidates is not None and refine_steps:
+            raise ValueError("refine_steps needs the whole training set for G; it cannot be combined with candidates=")
         if candidates is not None:
             from .filtering import scores_with_candidates
 
@@ -448,19 +481,23 @@ class Attributor:
         batch_size = check_batch_size(batch_size)
         run = None
         meta = {"strategy": self.strategy, "damping": self.damping(damping), "query_rank": query_rank}
+        if refine_steps:
+            meta["refine"] = {"steps": refine_steps, "blocks": refine_blocks}
         if self.workdir is not None:
             spec = {
                 "queries": fingerprint(queries), "train": fingerprint(train), "fit": self.fit_fingerprint,
                 "damping": damping, "query_rank": query_rank, "per_layer": per_layer, "per_token": per_token,
                 "batch_size": batch_size,
             }  # fmt: skip
+            if refine_steps:  # only then, so the ids of unrefined runs stay what they were
+                spec["refine"] = [refine_steps, refine_blocks]
             run = self.workdir / "scores" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
             meta["run"] = {**spec, "id": run.name}
             final = run.with_suffix(".safetensors")
             if final.exists():
                 tensors, saved = load_tensors(final)
                 return Scores.from_tensors(tensors, saved)
-        q = self.query_gradients(queries, batch_size, damping, query_rank)
+        q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks)
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
         done: set[int] = set()
         if run is not None and run.exists():
