@@ -6,6 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test models are tiny: one intra-op thread is faster than two, and it keeps the suite's time
+# steady when the machine is shared.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
