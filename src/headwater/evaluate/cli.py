@@ -28,6 +28,8 @@ app = typer.Typer(
     help="Measure how well attribution scores predict retraining (LDS), the PBRF, and planted facts.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 DEFAULT_METHODS = "identity,diagonal,kfac,ekfac,lissa"

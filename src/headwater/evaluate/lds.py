@@ -11,13 +11,18 @@ Recipe:
 3. ``lds``: per query, the Spearman rank correlation over the M subsets between the actual
    measurement and the prediction, then the mean and a 95% interval over queries.
 
-The prediction. An engine score is ``grad f_q^T (G + lambda I)^-1 grad L_m`` with the training
-objective the *mean* of the N losses, so upweighting m by eps changes f_q by ``-eps * score``.
-Training on subset S instead of all examples changes each example's weight by a constant that
-is the same for every subset of the same size, so to first order
-``f_q(S) = const - c * sum_{m in S} score(q, m)`` with c > 0. We therefore correlate the
-measurement with ``-sum_{m in S} score(q, m)``: a good method has LDS near +1, whichever
-tool produced the scores, as long as positive means "lowers the query's measurement".
+The prediction. An engine score is ``score(q, m) = grad f_q^T H^-1 grad L_m`` with H the damped
+Gauss-Newton stand-in for the Hessian of the training objective ``J = (1/N) sum_i L_i``.
+Upweighting m, ``J + eps L_m``, moves the optimum by ``dtheta/deps = -H^-1 grad L_m``, so
+``df_q/deps = -score(q, m)``: removing m (eps = -1/N) raises f_q by score/N. Training on a
+subset S of size k puts weight 1/k on its members and 0 elsewhere instead of 1/N everywhere,
+so to first order
+
+    f_q(S) - f_q(all) = -(1/k) sum_{m in S} score(q, m) + (1/N) sum_{all m} score(q, m),
+
+and the second term is the same for every subset. We therefore correlate the measurement
+with ``-sum_{m in S} score(q, m)``: a good method has LDS near +1, whichever tool produced the
+scores, as long as positive means "upweighting lowers the query's measurement".
 
 The interval is a Student-t 95% interval of the mean over queries,
 ``mean +- t_{0.975, Q-1} * sd / sqrt(Q)``: deterministic and, with Q >= 20 roughly normal

@@ -133,7 +133,7 @@ class LiSSA:
         with eval_mode(self.model), differentiable_attention(self.model):
             for _ in range(iters):
                 gv = self.space.flatten(self._full_gnvp(train, self.space.unflatten(v)))
-                top = float((gv * v).sum())
+                top = float((gv * v).sum().detach())
                 v = gv / gv.norm().clamp_min(1e-30)
         return top
 

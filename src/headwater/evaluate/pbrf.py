@@ -189,7 +189,7 @@ class PBRF:
         noise = 1e-13 * (1.0 + sum(abs(float(l_s)) for *_, l_s, _ in self._batches) / self.n)
         with eval_mode(self.model):
             leaf, val, g = self._evaluate(theta, example, create_graph=True)
-            g0 = gnorm = float(g.norm())
+            g0 = gnorm = float(g.detach().norm())
             it = 0
             while gnorm > self.rtol * g0 and it < self.max_iter:
                 it += 1
@@ -202,11 +202,11 @@ class PBRF:
                     trial = theta + t * step
                     leaf_t, val_t, g_t = self._evaluate(trial, example, create_graph=True)
                     decrease = val_t <= val + 1e-4 * t * slope
-                    flat = abs(val_t - val) <= noise and float(g_t.norm()) < gnorm
+                    flat = abs(val_t - val) <= noise and float(g_t.detach().norm()) < gnorm
                     if decrease or flat or t < 1e-10:
                         break
                     t /= 2
-                theta, leaf, val, g, gnorm = trial, leaf_t, val_t, g_t, float(g_t.norm())
+                theta, leaf, val, g, gnorm = trial, leaf_t, val_t, g_t, float(g_t.detach().norm())
         return PBRFResponse(index, theta - self.theta_s, gnorm <= self.rtol * g0, it, gnorm / g0)
 
     # ------------------------------------------------------------------ scores

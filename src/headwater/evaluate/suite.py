@@ -196,7 +196,7 @@ class Suite:
                 row.append(str(r.summary) if r else "n/a")
             for c in cols:
                 r = self.metrics[c].get(m)
-                row.append(f"{r.seed_sd:.3f}" if r and m not in DETERMINISTIC else "-")
+                row.append(f"{r.seed_sd:.3f}" if r and len(self.results.get(m, [])) > 1 else "-")
             if has_ret:
                 r = self.metrics["retrieval"].get(m)
                 row += [f"{r.extra[k]:.3f}" if r else "n/a" for k in ks]
