@@ -124,23 +124,35 @@ def _mlp_benchmark(name: str, x: torch.Tensor, y: torch.Tensor, task: Task, n_ou
     return Benchmark(name, model, task, train, queries, retrain, None, 64, None, config)
 
 
+def _sklearn_dataset(loader: str) -> Any:
+    """A data set bundled with scikit-learn (read from its package files, no download)."""
+    try:
+        import sklearn.datasets
+    except ImportError as e:
+        raise ImportError(
+            f"the MLP benchmarks read {loader.removeprefix('load_')} from scikit-learn's bundled data; "
+            "pip install scikit-learn"
+        ) from e
+    return getattr(sklearn.datasets, loader)()
+
+
 def digits_benchmark(cfg: MLPConfig | None = None) -> Benchmark:
     """MLP classifier on sklearn's 8x8 digits (1797 images shipped with scikit-learn)."""
-    from sklearn.datasets import load_digits
-
     cfg = cfg or MLPConfig()
-    d = load_digits()
+    d = _sklearn_dataset("load_digits")
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
     return _mlp_benchmark("digits", x, y, ClassificationTask(), 10, cfg)
 
 
 def regression_benchmark(cfg: MLPConfig | None = None) -> Benchmark:
-    """MLP regressor on sklearn's diabetes set (442 patients, 10 features), targets standardized."""
-    from sklearn.datasets import load_diabetes
+    """MLP regressor on sklearn's diabetes set (442 patients, 10 features), targets standardized.
 
+    weight_decay 0.03: with the classifier's 1e-3 the MLP overfits 300 patients (held-out loss
+    0.55, worse than predicting the mean); 0.03 gives 0.23 (R^2 about 0.5, typical for this set).
+    """
     cfg = cfg or MLPConfig(n_train=300, n_queries=50, weight_decay=0.03)
-    d = load_diabetes()
+    d = _sklearn_dataset("load_diabetes")
     x = torch.tensor(d.data, dtype=torch.float32)
     x = (x - x.mean(0)) / x.std(0)
     y = torch.tensor(d.target, dtype=torch.float32)
