@@ -111,6 +111,22 @@ def run_headwater(model, train, queries, args) -> dict:
     return out
 
 
+def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace HF Conv1D layers by the equivalent nn.Linear, in place (kronfluence tracks only Linear)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            nx, nf = mod.weight.shape
+            lin = torch.nn.Linear(nx, nf).to(mod.weight.device, mod.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.T)
+                lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
 def run_kronfluence(model, train, queries, args) -> dict | None:
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
@@ -147,7 +163,7 @@ def run_kronfluence(model, train, queries, args) -> dict | None:
         def __getitem__(self, i):
             return self.items[i]
 
-    kmodel = prepare_model(copy.deepcopy(model), KfTask())
+    kmodel = prepare_model(conv1d_to_linear(copy.deepcopy(model)), KfTask())  # kronfluence lacks Conv1D
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("speed", kmodel, KfTask(), cpu=args.device == "cpu", disable_tqdm=True, output_dir=tmp)
@@ -182,6 +198,7 @@ def run_kronfluence(model, train, queries, args) -> dict | None:
             args.device,
         )
         out["score_mem"] = peak_mb(args.device)
+        scores = scores if scores is not None else analyzer.load_pairwise_scores("s")
         out["values"] = scores["all_modules"].float().cpu()
     return out
 
@@ -219,25 +236,22 @@ def main(argv=None) -> None:
         for _ in range(args.repeats)
     )
     base_mem = peak_mb(args.device)
-    hw_res = run_headwater(model, train, queries, args)
-    kf = None if args.no_kronfluence else run_kronfluence(model, train, queries, args)
-
     print(f"\nplain forward+backward: {base:.2f} s ({n_tok / base:,.0f} tokens/s), peak {base_mem:,.0f} MB\n")
-    print("| tool | phase | time (s) | ratio to fwd+bwd | tokens/s | peak memory (MB) |")
-    print("|---|---|---|---|---|---|")
-    rows = [
-        ("headwater", "fit (EK-FAC)", hw_res["fit"], hw_res["fit_mem"]),
-        ("headwater", f"score (rank {args.rank})", hw_res["score"], hw_res["score_mem"]),
-        ("headwater", "score (full rank)", hw_res["score_full"], float("nan")),
-    ]
+    mem_label = "peak GPU memory (MB)" if args.device.startswith("cuda") else "process peak RSS so far (MB)"
+    print(f"| tool | phase | time (s) | ratio to fwd+bwd | tokens/s | {mem_label} |")
+    print("|---|---|---|---|---|---|", flush=True)
+
+    def row(tool: str, phase: str, t: float, mem: float) -> None:
+        print(f"| {tool} | {phase} | {t:.2f} | {t / base:.2f}x | {n_tok / t:,.0f} | {mem:,.0f} |", flush=True)
+
+    hw_res = run_headwater(model, train, queries, args)
+    row("headwater", "fit (EK-FAC)", hw_res["fit"], hw_res["fit_mem"])
+    row("headwater", f"score (rank {args.rank})", hw_res["score"], hw_res["score_mem"])
+    row("headwater", "score (full rank)", hw_res["score_full"], float("nan"))
+    kf = None if args.no_kronfluence else run_kronfluence(model, train, queries, args)
     if kf is not None:
-        rows += [
-            ("kronfluence 1.0.1", "fit (EK-FAC)", kf["fit"], kf["fit_mem"]),
-            ("kronfluence 1.0.1", f"score (rank {args.rank})", kf["score"], kf["score_mem"]),
-        ]
-    for tool, phase, t, mem in rows:
-        print(f"| {tool} | {phase} | {t:.2f} | {t / base:.2f}x | {n_tok / t:,.0f} | {mem:,.0f} |")
-    if kf is not None:
+        row("kronfluence 1.0.1", "fit (EK-FAC)", kf["fit"], kf["fit_mem"])
+        row("kronfluence 1.0.1", f"score (rank {args.rank})", kf["score"], kf["score_mem"])
         a, b = hw_res["values"].float().flatten(), kf["values"].flatten()
         corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
         print(
