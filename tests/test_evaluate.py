@@ -30,6 +30,9 @@ from headwater.evaluate import (
 from headwater.evaluate.gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients
 from headwater.layers import select_layers
 
+# torch.func's forward-mode decompositions call the deprecated torch.jit.script internally
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
