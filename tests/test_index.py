@@ -172,6 +172,20 @@ def test_projected_eigen_curvature_with_full_dim_rotation_equals_the_engine(tmp_
     assert res.meta["damping"] == pytest.approx(an.damping())
 
 
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_projected_engine_curvature_with_full_dim_rotation_equals_the_engine(tmp_path, gpt2, strategy):
+    """curvature='engine' is P G P^T of the fitted G itself: with P a rotation the scores are the
+    engine's, even when the factors are rank-deficient (10 short sequences, 64-wide layers)."""
+    an = hw.Attributor(gpt2, modules="mlp", strategy=strategy)
+    train, queries = lm_data(10), lm_queries(3)
+    an.fit(train, batch_size=4)
+    engine = an.scores(queries, train, batch_size=4).values
+    build_index(an, train, dim=65, path=tmp_path, projection="orthogonal", dtype="float32", curvature="engine")
+    res = query_index(an, queries, tmp_path)
+    torch.testing.assert_close(res.values.double(), engine, rtol=1e-4, atol=1e-5 * engine.abs().max())
+    assert res.meta["damping"] == pytest.approx(an.damping())
+
+
 def test_dense_projected_gauss_newton_with_full_dim_rotation_equals_the_dense_reference(tmp_path):
     """fisher='exact': the projected dense curvature is P G P^T with G from jacobians and the
     output Hessian, so scores equal g_q^T (G + lambda I)^-1 g_m per layer, lambda = 0.1 mean eig."""
@@ -345,6 +359,10 @@ def test_bad_arguments_raise_clear_errors(tmp_path, gpt2, monkeypatch):
     with pytest.raises(ValueError, match="projection='kfac' takes the top eigenvectors.*DiagonalCurvature"):
         build_index(hw.Attributor(gpt2, modules="mlp", strategy="diagonal").fit(train), train, projection="kfac",
                     path=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="curvature='engine' projects the attributor's fitted curvature, but layer"):
+        build_index(an, train, dim=4, curvature="engine", path=tmp_path / "e1")
+    with pytest.raises(hw.NotFittedError, match="curvature='engine' projects the attributor's fitted curvature; call"):
+        build_index(hw.Attributor(gpt2, modules="mlp"), train, dim=4, curvature="engine", path=tmp_path / "e2")
     with pytest.raises(FileNotFoundError, match=r"no index at .*manifest.json is missing"):
         query_index(an, lm_queries(1), tmp_path / "nothing")
 

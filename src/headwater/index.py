@@ -70,6 +70,7 @@ from . import __version__
 from .capture import LayerCapture
 from .curvature import (
     DAMPING_SCALE,
+    DiagonalCurvature,
     EigenCurvature,
     IdentityCurvature,
     LayerCurvature,
@@ -100,7 +101,7 @@ PROJECTIONS_FILE = "projections.safetensors"
 CURVATURE_FILE = "curvature.safetensors"
 
 PROJECTIONS = ("gaussian", "rademacher", "orthogonal", "kfac")
-INDEX_CURVATURES = ("auto", "dense", "ekfac", "kfac", "identity")
+INDEX_CURVATURES = ("auto", "engine", "ekfac", "kfac", "dense", "identity")
 # storage dtype -> (numpy dtype of the raw file, torch dtype it is read as). bfloat16 has no
 # numpy type, so it is stored as little-endian int16 bit patterns and viewed back.
 INDEX_DTYPES = {
@@ -449,12 +450,46 @@ def _fit_pass(an: Any, data: Any, batch_size: int, projector: _Projector, acc: _
         _all_reduce(acc.sums)
 
 
+def _projected_engine_curvature(op: LayerCurvature, p_out: torch.Tensor, p_in: torch.Tensor, name: str) -> Any:
+    """``P G P^T`` (P = P_out kron P_in) for the attributor's fitted G, dense in the projected space.
+
+    K-FAC/EK-FAC: G = (Q_S kron Q_A) diag(vec lam) (Q_S kron Q_A)^T; diagonal: Q = I, lam = diag.
+    With U = P_out Q_S [k_out, O] and V = P_in Q_A [k_in, I]:
+        G_p[(a,b), (c,d)] = sum_{o,i} U_ao V_bi lam_oi U_co V_di
+    costs O*I*k_in^2 + O*k_out^2*k_in^2 flops and no pass over data.
+    """
+    if isinstance(op, EigenCurvature):
+        u, v, lam = p_out @ op.q_s.double().cpu(), p_in @ op.q_a.double().cpu(), op.lam.double().cpu()
+    elif isinstance(op, DiagonalCurvature):
+        u, v, lam = p_out, p_in, op.diag.double().cpu()
+    else:
+        raise ValueError(
+            f"curvature='engine' projects the attributor's fitted curvature, but layer {name!r} has a "
+            f"{type(op).__name__} (strategy='identity' has none); use curvature='ekfac' or 'dense'"
+        )
+    w = torch.einsum("oi,bi,di->obd", lam, v, v)  # [O, k_in, k_in]
+    k_out, k_in = u.shape[0], v.shape[0]
+    g = torch.einsum("ao,co,obd->abcd", u, u, w).reshape(k_out * k_in, k_out * k_in)
+    e, q = torch.linalg.eigh(check_finite((g + g.mT) / 2, name, "projected engine curvature"))
+    return ProjectedDenseCurvature(e.clamp_min(0), q, (k_out, k_in))
+
+
 def _fit_projected_curvature(
     an: Any, data: Any, batch_size: int, projector: _Projector, layout: list[IndexLayer], kind: str
 ) -> dict[str, LayerCurvature]:
     device = an.device
     if kind == "identity":
         return {ly.name: IdentityCurvature((ly.k_out, ly.k_in)) for ly in layout}
+    if kind == "engine":
+        if an.curvature is None:
+            raise NotFittedError(
+                "curvature='engine' projects the attributor's fitted curvature; call an.fit(train) first, "
+                "or use curvature='ekfac'"
+            )
+        return {
+            ly.name: _projected_engine_curvature(an.curvature[ly.name], *projector.projections[ly.name], ly.name)
+            for ly in layout
+        }
     if kind == "dense":
         acc = _DenseAccumulator(layout, device)
         _fit_pass(an, data, batch_size, projector, acc, "covariance")
@@ -474,7 +509,7 @@ def _curvature_from_tensors(kind: str, layout: list[IndexLayer], tensors: dict[s
     for ly in layout:
         if kind == "identity":
             out[ly.name] = IdentityCurvature((ly.k_out, ly.k_in))
-        elif kind == "dense":
+        elif kind in ("dense", "engine"):
             out[ly.name] = ProjectedDenseCurvature(
                 tensors[f"{ly.name}::eigvals"], tensors[f"{ly.name}::eigvecs"], (ly.k_out, ly.k_in)
             )
@@ -829,10 +864,10 @@ def build_index(
     layout = _layout(an.layers, dim)
     if curvature == "auto":
         curvature = "dense" if max(ly.size for ly in layout) <= DENSE_MAX else "ekfac"
-    elif curvature == "dense" and max(ly.size for ly in layout) > DENSE_MAX:
+    elif curvature in ("dense", "engine") and max(ly.size for ly in layout) > DENSE_MAX:
         big = max(layout, key=lambda ly: ly.size)
         raise ValueError(
-            f"curvature='dense' needs k_out*k_in <= {DENSE_MAX} per layer, but layer {big.name!r} has "
+            f"curvature={curvature!r} needs k_out*k_in <= {DENSE_MAX} per layer, but layer {big.name!r} has "
             f"{big.k_out}x{big.k_in}; lower dim or use curvature='ekfac'"
         )
     n = len(train)
