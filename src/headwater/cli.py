@@ -118,6 +118,7 @@ def fit_workdir(
     modules: str | list[str] | None = "mlp",
     strategy: str = "ekfac",
     fisher: str = "sampled",
+    samples: int = 1,
     max_length: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
@@ -157,8 +158,8 @@ def fit_workdir(
     # The engine checks first that the workdir belongs to this model (and strategy, modules);
     # then what only the CLI knows: truncation, tokenizer and data.
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
-    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, workdir=workdir,
-                       seed=seed, progress=progress)  # fmt: skip
+    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, samples=samples,
+                       workdir=workdir, seed=seed, progress=progress)  # fmt: skip
     prev_path = workdir / CLI_FILE
     meta = _factors_meta(workdir)
     if meta is not None and not overwrite:
@@ -203,6 +204,7 @@ def fit_workdir(
         "layers": list(an.layers),
         "strategy": strategy,
         "fisher": fisher,
+        "samples": samples,
         "batch_size": batch_size,
         "seed": seed,
         "device": device,
@@ -281,7 +283,8 @@ def score_workdir(
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=settings.get("max_length"))
     mods = _parse_modules(settings.get("modules", "mlp"))
     an = hw.Attributor(net, task=task, strategy=settings.get("strategy", "ekfac"), modules=mods,
-                       fisher=settings.get("fisher", "sampled"), workdir=workdir, seed=settings.get("seed", 0),
+                       fisher=settings.get("fisher", "sampled"), samples=settings.get("samples", 1),
+                       workdir=workdir, seed=settings.get("seed", 0),
                        progress=progress)  # fmt: skip
     bs = batch_size or settings.get("batch_size", 8)
     clean_q = [{"prompt": q["prompt"], "completion": q["completion"]} for q in qs]
@@ -307,7 +310,7 @@ def score_workdir(
         # An in-memory Attributor sharing the fitted curvature: these small re-scorings should
         # not each leave a cached result in the workdir the way a workdir-backed one would.
         sub = hw.Attributor(net, task=task, strategy=an.strategy, modules=list(an.layers), fisher=an.fisher,
-                            seed=an.seed, progress=False)  # fmt: skip
+                            samples=an.samples, seed=an.seed, progress=False)  # fmt: skip
         sub.curvature = an.curvature
         it: Any = range(len(qs))
         if progress:
@@ -711,7 +714,12 @@ def fit(
         str, typer.Option(help="'mlp' (MLP projections), 'all' (every linear layer) or comma-separated names.")
     ] = "mlp",
     strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
-    fisher: Annotated[str, typer.Option(help="sampled (the paper's choice), empirical or exact.")] = "sampled",
+    fisher: Annotated[
+        str, typer.Option(help="sampled (the paper's choice), topk (lower variance), empirical or exact.")
+    ] = "sampled",
+    samples: Annotated[
+        int, typer.Option(min=1, help="Label draws per token (sampled) or backward passes (topk) per batch.")
+    ] = 1,
     max_length: Annotated[
         int | None,
         typer.Option("--max-length", min=2, help="Truncate documents to N tokens (default: the model's context)."),
@@ -733,7 +741,7 @@ def fit(
         debug,
         lambda: fit_workdir(
             model, data, workdir, tokenizer=tokenizer, modules=modules, strategy=strategy, fisher=fisher,
-            max_length=max_length, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
+            samples=samples, max_length=max_length, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
             overwrite=overwrite, progress=not quiet, log=log,
         ),
     )  # fmt: skip

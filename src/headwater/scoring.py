@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .capture import LayerCapture
-from .curvature import EigenCurvature, LayerCurvature, per_example_grads, rotated_grads
+from .curvature import EigenCurvature, LayerCurvature, lapack_threads, per_example_grads, rotated_grads
 from .distributed import all_reduce_, all_reduce_max
 from .errors import check_finite
 
@@ -103,11 +103,13 @@ class QueryGradients:
             return cls(full=p)
         p64 = p.double()
         if p.shape[2] <= p.shape[1]:  # I <= O: right singular vectors from P^T P [I, I]
-            _, vecs = torch.linalg.eigh(p64.mT @ p64)
+            with lapack_threads(p64):
+                _, vecs = torch.linalg.eigh(p64.mT @ p64)
             v = vecs[..., -rank:].flip(-1)  # top-r, largest first
             u = p64 @ v  # = U_r S_r
         else:
-            _, vecs = torch.linalg.eigh(p64 @ p64.mT)
+            with lapack_threads(p64):
+                _, vecs = torch.linalg.eigh(p64 @ p64.mT)
             u_r = vecs[..., -rank:].flip(-1)
             v = p64.mT @ u_r  # = V_r S_r
             u = u_r
