@@ -196,7 +196,7 @@ class PBRF:
                 step = _conjugate_gradients(_hvp(g, leaf), -g.detach(), CG_TOL, CG_MAX_ITER)
                 slope = float(g.detach() @ step)
                 if slope >= 0:  # not a descent direction (indefinite H): steepest descent
-                    step, slope = -g.detach(), -gnorm**2
+                    step, slope = -g.detach(), -(gnorm**2)
                 t = 1.0
                 while True:
                     trial = theta + t * step
