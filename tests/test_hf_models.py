@@ -132,3 +132,14 @@ def test_model_state_is_left_as_found():
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_float64_losses_are_not_rounded_through_float32():
+    from torch import nn as tnn
+
+    model = tnn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    assert hw.ClassificationTask().loss(model, (x, y)).dtype == torch.float64
+    lm = tiny_gpt2()
+    batch = hw.LanguageModelingTask().collate(lm_data(2))
+    assert hw.LanguageModelingTask().loss(lm, batch).dtype == torch.float64

@@ -95,6 +95,11 @@ class Task:
         return batch
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits go to float32 for the loss; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -279,7 +284,7 @@ class LanguageModelingTask(Task):
             targets = targets.clone()
             targets[scored] = drawn
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
+            _wide(logits.reshape(-1, logits.shape[-1])),
             targets.reshape(-1),
             ignore_index=IGNORE,
             reduction="sum",
@@ -293,7 +298,7 @@ class LanguageModelingTask(Task):
         logits = logits[targets != IGNORE]  # [M, V]
         with torch.no_grad():
             drawn = _sample_categorical(logits, samples)  # [M, k]
-        return _label_losses(F.log_softmax(logits.float(), dim=-1), drawn, samples**-0.5)
+        return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
 
     def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
         """Top-(samples-1) tokens exactly plus one tail draw per scored token (see ``_topk_tail``)."""
@@ -329,7 +334,7 @@ class ClassificationTask(Task):
         if sample:
             with torch.no_grad():
                 targets = _sample_categorical(logits)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return F.cross_entropy(_wide(logits), targets, reduction="sum")
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
@@ -342,7 +347,7 @@ class ClassificationTask(Task):
         logits = _logits(model(inputs))
         with torch.no_grad():
             drawn = _sample_categorical(logits, samples)  # [N, k]
-        return _label_losses(F.log_softmax(logits.float(), dim=-1), drawn, samples**-0.5)
+        return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
 
     def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
         """Top-(samples-1) classes exactly plus one tail draw (see ``_topk_tail``); exact once samples >= C."""
