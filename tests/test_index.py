@@ -211,11 +211,13 @@ def test_dense_projected_gauss_newton_with_full_dim_rotation_equals_the_dense_re
         assert res.meta["damping"][name] == pytest.approx(lam)
 
 
-def test_default_path_is_the_workdir_and_default_curvature_is_dense(tmp_path, gpt2):
+def test_defaults_workdir_path_and_engine_curvature_when_fitted_else_projected_ekfac(tmp_path, gpt2):
+    assert build_index(hw.Attributor(gpt2, modules="mlp", strategy="identity"), lm_data(6), dim=4,
+                       path=tmp_path / "i").manifest["curvature"]["kind"] == "ekfac"  # fmt: skip
     an = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "w").fit(lm_data(6))
     idx = build_index(an, lm_data(6), dim=4)
     assert idx.path == tmp_path / "w" / "index"
-    assert idx.manifest["curvature"]["kind"] == "dense" and idx.manifest["complete"]
+    assert idx.manifest["curvature"]["kind"] == "engine" and idx.manifest["complete"]
     manifest = json.loads((idx.path / "manifest.json").read_text())
     assert manifest["model_fingerprint"] == hw.storage.model_fingerprint(gpt2)
     assert manifest["data_fingerprint"] == hw.data.fingerprint(lm_data(6))

@@ -23,16 +23,21 @@ Projections are seeded Gaussian, Rademacher or random-orthogonal matrices scaled
 eigenvectors of the attributor's fitted K-FAC/EK-FAC factors (LoGra's PCA initialisation),
 ranked by their share of the fitted eigenvalues.
 
-Curvature in the projected space (``curvature=``). With ``r = vec(P_out dW P_in^T)``:
+Curvature in the projected space (``curvature=``). With ``r = vec(P_out dW P_in^T)`` and
+``P = P_out kron P_in``:
 
-- ``"dense"`` (default when every layer's ``k_out * k_in <= 4096``): the damped Gauss-Newton
-  ``G_p = E_m[r_m r_m^T]`` from the attributor's pseudo-gradients (its ``fisher``, seeded like
-  the engine's covariance pass), eigendecomposed once. It is the exact projection
-  ``P G P^T`` of the per-layer Gauss-Newton, so nothing is approximated beyond the sampling.
-- ``"ekfac"`` / ``"kfac"``: the engine's EK-FAC (K-FAC) run on the projected captures:
-  ``A_p = P_in A P_in^T``, ``S_p = P_out S P_out^T``, then the eigenvalue correction from the
-  projected pseudo-gradients. For projections too large for a dense [d, d] matrix.
-- ``"identity"``: gradient dot products (no curvature pass).
+- ``"engine"`` (the default for a fitted K-FAC/EK-FAC/diagonal attributor while every layer has
+  ``k_out * k_in <= 4096``): ``P G P^T`` of the attributor's own fitted G, formed densely from
+  its factors and eigendecomposed once. No pass over data, and the closest match to the
+  engine's scores (benchmarks/results/index.md).
+- ``"ekfac"`` / ``"kfac"`` (the default otherwise): the engine's EK-FAC (K-FAC) run on the
+  projected captures: ``A_p = P_in A P_in^T``, ``S_p = P_out S P_out^T``, eigenbases, then the
+  eigenvalue correction from projected pseudo-gradients (two passes, one for K-FAC), with the
+  attributor's ``fisher`` and the engine's per-batch label seeds.
+- ``"dense"``: the damped Gauss-Newton ``G_p = E_m[r_m r_m^T]`` fitted on projected
+  pseudo-gradients (one pass). Exact in expectation, but a d x d estimate from N sequences is
+  noisy once d approaches N, and it matched exact EK-FAC worse than the two above.
+- ``"identity"``: projected gradient dot products.
 
 Each query is preconditioned once, ``(G_p + lambda I)^-1 r_q``, and scored against every record
 by one matrix product per shard. With full-dimensional orthogonal projections ``P`` is a
@@ -109,12 +114,13 @@ INDEX_DTYPES = {
     "bfloat16": ("<i2", torch.bfloat16),
     "float32": ("<f4", torch.float32),
 }
-# 16 x 16 per layer: 512 floats per GPT-2 block (two MLP layers), 1 KiB in float16. Large
-# enough for Spearman ~0.9 against exact EK-FAC on the benchmark model, small enough that a
-# 100k-record index scans in tens of milliseconds on CPU (benchmarks/results/index.md).
+# 16 x 16 per layer: 512 floats (1 KiB in float16) per GPT-2 block's two MLP layers. Chosen for
+# the latency target (a 100k-record index of a 4-block model scans in ~0.1 s on one CPU core);
+# agreement with exact EK-FAC grows with dim (Spearman 0.31 at 16, 0.50 at 32, 0.71 at 64 on
+# the benchmark model), so pass dim=32..64 when quality matters more than speed and disk.
 DEFAULT_DIM = 16
-# Dense projected Gauss-Newton up to 4096 = 64 x 64 coordinates per layer: [4096, 4096] float64
-# is 128 MiB and one eigh of it takes seconds; beyond that "auto" picks projected EK-FAC.
+# Dense projected curvature up to 4096 = 64 x 64 coordinates per layer: [4096, 4096] float64 is
+# 128 MiB and one eigh of it takes seconds; beyond that "auto" picks projected EK-FAC.
 DENSE_MAX = 4096
 # Records per shard: the unit of resumption and of distributed work. 4096 records keeps a
 # shard around 4 MiB at the default size and the resume loss under a minute of work on GPU.
@@ -833,9 +839,10 @@ def build_index(
         Storage precision of the records (curvature and projections stay float64).
     shard_size : int
         Records per shard file: the unit of resumption and of work per rank.
-    curvature : {"auto", "dense", "ekfac", "kfac", "identity"}
-        Preconditioner in the projected space; "auto" is "dense" while every layer has at most
-        4096 projected coordinates, else "ekfac".
+    curvature : {"auto", "engine", "ekfac", "kfac", "dense", "identity"}
+        Preconditioner in the projected space (see the module docstring). "auto" is "engine"
+        for a fitted K-FAC/EK-FAC/diagonal attributor while every layer has at most 4096
+        projected coordinates (no pass over data), else "ekfac" (two passes).
     curvature_data : dataset or None
         Data for the curvature pass(es); default ``train``. A subset makes the build cheaper.
     seed : int or None
@@ -863,7 +870,10 @@ def build_index(
     path = _index_path(an, path)
     layout = _layout(an.layers, dim)
     if curvature == "auto":
-        curvature = "dense" if max(ly.size for ly in layout) <= DENSE_MAX else "ekfac"
+        fitted = an.curvature is not None and all(
+            isinstance(op, (EigenCurvature, DiagonalCurvature)) for op in an.curvature.values()
+        )
+        curvature = "engine" if fitted and max(ly.size for ly in layout) <= DENSE_MAX else "ekfac"
     elif curvature in ("dense", "engine") and max(ly.size for ly in layout) > DENSE_MAX:
         big = max(layout, key=lambda ly: ly.size)
         raise ValueError(
@@ -882,7 +892,9 @@ def build_index(
         "dtype": dtype,
         "shard_size": shard_size,
         "curvature_kind": curvature,
-        "curvature_data_fingerprint": train_fp if curvature_data is None else fingerprint(cdata),
+        "curvature_data_fingerprint": (
+            an.fit_fingerprint if curvature == "engine" else train_fp if curvature_data is None else fingerprint(cdata)
+        ),
         "task": type(an.task).__name__,
         "fisher": an.fisher,
         "layers": [ly.as_json() for ly in layout],

@@ -218,7 +218,10 @@ def build(
     ] = "gaussian",
     dtype: Annotated[str, typer.Option(help="Record precision: float16, bfloat16 or float32.")] = "float16",
     curvature: Annotated[
-        str, typer.Option(help="auto (dense if dim <= 64, else ekfac), dense, ekfac, kfac or identity.")
+        str,
+        typer.Option(
+            help="auto (engine = fitted curvature projected; ekfac above dim 64), engine, ekfac, kfac, dense, identity."
+        ),
     ] = "auto",
     shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, help="Records per shard file.")] = None,
     batch_size: BatchOpt = None,
