@@ -90,7 +90,10 @@ from .storage import atomic_write_bytes, load_json, load_tensors, model_fingerpr
 __all__ = [
     "build_index",
     "query_index",
+    "query_gradients",
+    "make_projections",
     "GradientIndex",
+    "IndexLayer",
     "CorruptIndexError",
     "ProjectedDenseCurvature",
     "PROJECTIONS",
