@@ -70,7 +70,8 @@ def test_refinement_converges_to_the_dense_damped_gauss_newton(case):
     assert errors[1] < errors[0] / 2
     assert errors[2] < 1e-6
     scores = an.scores(queries, train, damping=DAMPING, refine_steps=30).values
-    torch.testing.assert_close(scores, exact @ gt.T, rtol=1e-6, atol=1e-8)
+    expected = exact @ gt.T  # the solve is accurate normwise (< 1e-6), so compare on the scores' scale
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
 def test_layer_blocks_converge_to_the_block_diagonal_solve(case):
