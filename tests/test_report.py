@@ -7,6 +7,7 @@ playwright and skips (with the reason) when either is missing; scripts/test.sh i
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -240,7 +241,20 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path: Path) -> None: 
             box = line.bounding_box()
             assert box is not None and box["width"] > 200 and box["height"] > 50
 
+            # the power-law tail of positive influence, with its fitted line
+            tail = q.locator("svg.tail-chart")
+            assert tail.locator("circle").count() > 5
+            fit_line = tail.locator("polyline.fit-line")
+            assert fit_line.count() == 1 and fit_line.bounding_box()["width"] > 20
+            # the analysis summary: numbers and the depth-block chart
+            analysis = page.locator("#analysis")
+            assert "alpha =" in analysis.inner_text() and "top 1%" in analysis.inner_text()
+            blocks = analysis.locator("svg.block-chart rect")
+            heights = [blocks.nth(i).bounding_box()["height"] for i in range(blocks.count())]
+            assert heights and max(heights) > 5
+
             q.screenshot(path=str(tmp_path / "query.png"))
+            shutil.copy(tmp_path / "query.png", "/tmp/hw_query.png") if os.environ.get("HW_KEEP_SHOTS") else None
         finally:
             browser.close()
     assert console == [], console

@@ -383,7 +383,7 @@ def score_workdir(
         "strategy": settings.get("strategy"),
         "score_seconds": round(seconds, 2),
     }
-    html = _render(results, sc.values, settings, meta)
+    html = _render(results, sc, settings, meta)
     # every output is complete in memory before the first rename, so they change together
     save_tensors(workdir / SCORES_FILE, sc.tensors(), meta)
     atomic_write_text(workdir / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
@@ -392,10 +392,16 @@ def score_workdir(
     return results
 
 
-def _render(results: list[dict], values: Any, settings: dict, meta: dict) -> str:
+def _render(results: list[dict], scores: Any, settings: dict, meta: dict) -> str:
+    """The report, with the paper's analyses (``headwater.analysis``) of these scores in it."""
+    from .analysis import analyze, layer_order
     from .report import render_report
 
-    return render_report(results, values, settings, meta)
+    if scores.per_layer:  # analysis reads layers in model order
+        names = meta.get("layers") or layer_order(list(scores.per_layer))
+        scores.per_layer = {n: scores.per_layer[n] for n in names if n in scores.per_layer}
+    analysis = analyze(scores)
+    return render_report(results, scores.values, settings, meta, analysis)
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -429,7 +435,9 @@ def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
             f"{spath} does not match {workdir / RESULTS_FILE} (query counts differ); rerun `headwater score`"
         )
     target = Path(out) if out is not None else workdir / REPORT_FILE
-    atomic_write_text(target, _render(results, tensors["values"], settings, meta))
+    from .scoring import Scores
+
+    atomic_write_text(target, _render(results, Scores.from_tensors(tensors, meta), settings, meta))
     return target
 
 
@@ -707,9 +715,7 @@ def fit(
         Path, typer.Option("--data", "-d", help="Training data: JSONL with 'text', plain text, parquet or arrow.")
     ],
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the factors and settings are saved.")],
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer directory, if not saved with the model.")
-    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not saved with the model.")] = None,
     modules: Annotated[
         str, typer.Option(help="'mlp' (MLP projections), 'all' (every linear layer) or comma-separated names.")
     ] = "mlp",

@@ -175,7 +175,7 @@ def query_workdir_index(
     }
     target = Path(out) if out is not None else workdir
     # the report's "Strategy" row reads the settings: say that these scores come from the index
-    html = _render(results, sc.values, {**settings, "strategy": meta["strategy"]}, meta)
+    html = _render(results, sc, {**settings, "strategy": meta["strategy"]}, meta)
     save_tensors(target / SCORES_FILE, sc.tensors(), meta)
     atomic_write_text(target / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     atomic_write_text(target / REPORT_FILE, html)

@@ -231,6 +231,98 @@ def distribution_chart(values: Sequence[float]) -> str:
     return "".join(out)
 
 
+def tail_chart(fit: dict | None) -> str:
+    """The positive-influence tail, P(X >= x) against x on log-log axes, with the fitted power law.
+
+    ``fit`` is one query's ``analysis.sparsity.per_query[q]["power_law"]``; the line is
+    (n_tail / n_positive) (x / xmin)^(1 - alpha) for x >= xmin, as the paper plots it.
+    """
+    w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 14, 14, 40
+    out = [f'<svg class="chart tail-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+           f'aria-label="power-law tail of positive influence">']  # fmt: skip
+    pts = [(x, p) for x, p in (fit or {}).get("tail") or [] if x > 0 and p > 0]
+    if not pts or not fit or fit.get("alpha") is None:
+        out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">too few positive scores to fit a tail</text>')
+        return "".join(out) + "</svg>"
+    xs, ps = [x for x, _ in pts], [p for _, p in pts]
+    lx0, lx1 = math.floor(math.log10(min(xs))), math.ceil(math.log10(max(xs)))
+    ly0, ly1 = math.floor(math.log10(min(ps))), 0
+    lx1, ly0 = (lx1 + 1 if lx1 == lx0 else lx1), (ly0 - 1 if ly0 == ly1 else ly0)
+    pw, ph = w - left - right, h - top_pad - bottom_pad
+    fx = lambda v: left + (math.log10(v) - lx0) / (lx1 - lx0) * pw  # noqa: E731
+    fy = lambda v: top_pad + (ly1 - math.log10(v)) / (ly1 - ly0) * ph  # noqa: E731
+    for d in range(int(ly0), int(ly1) + 1):
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{fy(10.0**d):.1f}" y2="{fy(10.0**d):.1f}" stroke="#eceff3"/>'
+        )
+        out.append(f'<text x="{left - 6}" y="{fy(10.0**d) + 4:.1f}" text-anchor="end">1e{d}</text>')
+    for d in range(int(lx0), int(lx1) + 1):
+        out.append(f'<text x="{fx(10.0**d):.1f}" y="{h - bottom_pad + 14}" text-anchor="middle">1e{d}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{h - 6}" text-anchor="middle">positive score x</text>')
+    out.append(
+        f'<text x="12" y="{top_pad + ph / 2}" text-anchor="middle" transform="rotate(-90 12 {top_pad + ph / 2})">'
+        "P(X &gt;= x)</text>"
+    )
+    dots = "".join(f'<circle cx="{fx(x):.1f}" cy="{fy(p):.1f}" r="1.8"/>' for x, p in pts)
+    out.append(f'<g class="series tail-points" fill="{_hex(POSITIVE)}">{dots}</g>')
+    alpha, xmin = fit["alpha"], fit["xmin"]
+    scale = fit["n_tail"] / max(fit["n_positive"], 1)
+    x_hi = max(xs)
+    if xmin > 0 and x_hi > xmin:
+        line = [(x, scale * (x / xmin) ** (1 - alpha)) for x in (xmin * (x_hi / xmin) ** (i / 20) for i in range(21))]
+        coords = " ".join(f"{fx(x):.1f},{fy(max(p, 10.0**ly0)):.1f}" for x, p in line)
+        title = f"<title>power law, alpha = {alpha:.2f}</title>"
+        out.append(f'<polyline class="series fit-line" fill="none" stroke="#333" stroke-dasharray="4 3" '
+                   f'stroke-width="1.5" points="{coords}">{title}</polyline>')  # fmt: skip
+    return "".join(out) + "</svg>"
+
+
+def analysis_summary(analysis: dict | None, n_queries: int) -> str:
+    """The cross-query part of ``headwater.analysis.analyze``: sparsity, layer blocks, token
+    structure and sequences that sit in many queries' top-k."""
+    if not analysis:
+        return ""
+    sp, layers, tokens, cq = (analysis.get(k) or {} for k in ("sparsity", "layers", "tokens", "cross_query"))
+    rows = []
+    if sp:
+        alpha = sp.get("median_alpha")
+        rows.append(("Power-law tail (median exponent over queries)", "-" if alpha is None else f"alpha = {alpha:.2f}"))
+        share = sp.get("mean_top1pct_share")
+        rows.append(
+            ("Share of positive influence in the top 1% of sequences", "-" if share is None else f"{share:.1%}")
+        )
+    if tokens:
+        rows.append(("Sequences whose influence sits on few tokens (||a||2/||a||1 > 2/3)",
+                     f"{tokens.get('n_flagged', 0)} of {tokens.get('n_examined', 0)} examined"))  # fmt: skip
+    if cq:
+        rows.append(
+            (f"Mean overlap of top-{cq.get('k')} sets between queries (Jaccard)", f"{cq.get('mean_jaccard', 0):.3f}")
+        )
+        shared = [e for e in cq.get("shared") or [] if e.get("queries", 0) > 1][:8]
+        if shared:
+            rows.append(("Sequences in several queries' top-k", ", ".join(
+                f"#{e['index']} ({e['queries']}/{n_queries})" for e in shared)))  # fmt: skip
+    parts = ['<section id="analysis"><h3>Analysis</h3><table class="settings analysis">']
+    parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows]
+    parts.append("</table>")
+    mean = layers.get("mean") if layers else None
+    if mean:
+        bw, bh, h = 460, 120, 150
+        step = bw / len(mean)
+        bars = "".join(
+            f'<rect x="{i * step + 2:.1f}" y="{10 + bh * (1 - f):.1f}" width="{step - 4:.1f}" height="{bh * f:.1f}" '
+            f'fill="{_hex(POSITIVE)}"><title>block {i + 1}: {f:.1%}</title></rect>'
+            f'<text x="{i * step + step / 2:.1f}" y="{h - 6}" text-anchor="middle">{i + 1}</text>'
+            for i, f in enumerate(mean)
+        )
+        parts.append(f'<figure><svg class="chart block-chart" width="{bw}" height="{h}" viewBox="0 0 {bw} {h}" '
+                     f'role="img" aria-label="influence by depth block">{bars}</svg><figcaption>Share of influence by '
+                     f"depth block, first to last, averaged over queries ({_e(layers.get('definition', ''))})."
+                     "</figcaption></figure>")  # fmt: skip
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def legend(vmax: float, gid: str = "lg") -> str:
     """The heatmap's colour scale, -vmax .. +vmax, as an SVG gradient bar with labels."""
     stops = "".join(
@@ -240,7 +332,7 @@ def legend(vmax: float, gid: str = "lg") -> str:
         '<div class="legend"><span>per-token influence</span>'
         f'<span class="neg mono">{_fmt(-vmax)}</span>'
         f'<svg class="legend-bar" width="220" height="14" viewBox="0 0 220 14"><defs><linearGradient id="{gid}">'
-        f'{stops}</linearGradient></defs>'
+        f"{stops}</linearGradient></defs>"
         f'<rect width="220" height="14" rx="3" fill="url(#{gid})" stroke="#c8cdd6"/></svg>'
         f'<span class="pos mono">{_fmt(vmax)}</span>'
         "<span>square-root scale; red raises the completion's probability, blue lowers it; a token is "
@@ -289,12 +381,12 @@ def _sequence(entry: dict, vmax: float, relevant: set[int]) -> str:
     badge = '<span class="badge">states the fact</span>' if entry["index"] in relevant else ""
     return (
         f'<li class="seq"><div class="seq-meta"><span class="score">{_fmt(entry["score"])}</span>'
-        f'<span>training #{entry["index"]}</span>{badge}</div>'
-        f'{heatmap(entry.get("tokens") or [], entry.get("token_scores") or [], vmax)}</li>'
+        f"<span>training #{entry['index']}</span>{badge}</div>"
+        f"{heatmap(entry.get('tokens') or [], entry.get('token_scores') or [], vmax)}</li>"
     )
 
 
-def _query_section(r: dict, values: Sequence[float], layers: list[str]) -> str:
+def _query_section(r: dict, values: Sequence[float], layers: list[str], sparsity: dict | None = None) -> str:
     q = r["query"]
     shown = (r.get("top") or []) + (r.get("bottom") or [])
     vmax = max((abs(v) for e in shown for v in (e.get("token_scores") or [])), default=0.0)
@@ -317,7 +409,9 @@ def _query_section(r: dict, values: Sequence[float], layers: list[str]) -> str:
         f"(red) and bottom {k} (blue) sequences by layer.</figcaption></figure><figure>",
         distribution_chart(values),
         "<figcaption>Score distribution over the training set: |score| by rank, log-log.</figcaption>",
-        "</figure></div>",
+        "</figure>",
+        _tail_figure(sparsity),
+        "</div>",
         legend(vmax, f"lg{q}"),
         f"<h3>Most positive: top {k}</h3><ol class='seqs top'>",
         "".join(_sequence(e, vmax, relevant) for e in r.get("top") or []) or "<li class='empty'>none</li>",
@@ -326,6 +420,20 @@ def _query_section(r: dict, values: Sequence[float], layers: list[str]) -> str:
         '</ol><p><a href="#summary">back to the summary</a></p></section>',
     ]
     return "".join(parts)
+
+
+def _tail_figure(sparsity: dict | None) -> str:
+    if sparsity is None:
+        return ""
+    fit = sparsity.get("power_law") or {}
+    if fit.get("alpha") is not None:
+        ks = f", KS = {fit['ks']:.3f}" if fit.get("ks") is not None else ""
+        caption = (f"Tail of positive influence with its power-law fit: alpha = {fit['alpha']:.2f}, "
+                   f"xmin = {fit['xmin']:.3g}{ks}; the top 1% of sequences hold "
+                   f"{sparsity.get('top1pct_share') or 0:.1%} of the positive influence.")  # fmt: skip
+    else:
+        caption = "Too few positive scores for a power-law fit."
+    return f"<figure>{tail_chart(fit)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
 def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
@@ -358,8 +466,9 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows]
 
 
-def render_report(results: list[dict], values: Any, settings: dict, meta: dict) -> str:
-    """The whole report as one HTML string. ``values`` is the [Q, N] score matrix."""
+def render_report(results: list[dict], values: Any, settings: dict, meta: dict, analysis: dict | None = None) -> str:
+    """The whole report as one HTML string. ``values`` is the [Q, N] score matrix; ``analysis``
+    is ``headwater.analysis.analyze`` of the same scores (shown when given)."""
     rows = [list(map(float, values[q].tolist())) for q in range(len(results))]
     layers = list(meta.get("layers") or settings.get("layers") or [])
     title = meta.get("title") or "headwater report"
@@ -384,6 +493,8 @@ def render_report(results: list[dict], values: Any, settings: dict, meta: dict) 
             f'<td>{_e(text)}</td><td class="num">{rec}</td></tr>'
         )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sparsity = ((analysis or {}).get("sparsity") or {}).get("per_query") or []
+    per_query = [sparsity[i] if i < len(sparsity) else None for i in range(len(results))]
     body = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -398,8 +509,10 @@ def render_report(results: list[dict], values: Any, settings: dict, meta: dict) 
         f'<table class="settings">{settings_html}</table>',
         '<h3>Queries</h3><table class="queries"><thead><tr><th class="num">#</th><th>prompt + completion</th>'
         '<th class="num">top score</th><th>most influential training sequence</th><th class="num">recall</th>'
-        f'</tr></thead><tbody>{"".join(q_rows)}</tbody></table></section>',
-        "".join(_query_section(r, rows[i], layers) for i, r in enumerate(results)),
+        f"</tr></thead><tbody>{''.join(q_rows)}</tbody></table>",
+        analysis_summary(analysis, len(results)),
+        "</section>",
+        "".join(_query_section(r, rows[i], layers, per_query[i]) for i, r in enumerate(results)),
         "</main></body></html>",
     ]
     return "\n".join(body)
