@@ -829,8 +829,8 @@ def build_index(
     Parameters
     ----------
     attributor : Attributor
-        Supplies the model, task, tracked layers, ``fisher`` and ``seed``. Only
-        ``projection="kfac"`` needs it fitted.
+        Supplies the model, task, tracked layers, ``fisher`` and ``seed``. It must be fitted
+        for ``projection="kfac"`` and ``curvature="engine"`` (which "auto" picks when it is).
     train : dataset
         Records follow its order: score column j is example j.
     dim : int
