@@ -61,7 +61,6 @@ shard, so an interrupted build resumes at the next missing shard and yields the 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -83,6 +82,7 @@ from .curvature import (
     rotated_grads,
 )
 from .data import check_batch_size, check_data, fingerprint
+from .distributed import all_reduce_, barrier, rank_world
 from .errors import NotFittedError, check_finite
 from .scoring import Scores
 from .storage import atomic_write_bytes, load_json, load_tensors, model_fingerprint, save_json, save_tensors
@@ -140,45 +140,6 @@ class CorruptIndexError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------
-
-
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size) of an initialized ``torch.distributed`` group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if _rank_world()[1] > 1:
-        dist.barrier()
-
-
-def _all_reduce(tensors: dict[str, torch.Tensor]) -> None:
-    """Sum tensors across ranks in place (sorted keys, so every rank issues the same calls)."""
-    import torch.distributed as dist
-
-    if _rank_world()[1] == 1:
-        return
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    for key in sorted(tensors):
-        buf = tensors[key].to(dev)
-        dist.all_reduce(buf)
-        tensors[key].copy_(buf)
-
-
-def _stream_is_sharded(an: Any) -> bool:
-    """Whether ``Attributor._stream`` splits batches across ranks itself (``shard=`` argument).
-
-    The record pass must see every batch of its own shard on this rank, so it asks for
-    ``shard=False`` where that exists; the curvature pass lets the engine split batches, so
-    its per-batch label seeds (and hence the sums) match a single-process run.
-    """
-    return "shard" in inspect.signature(an._stream).parameters
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -455,8 +416,7 @@ def _fit_pass(an: Any, data: Any, batch_size: int, projector: _Projector, acc: _
     an._stream(
         data, batch_size, "curvature data", an._fit_losses, lambda c, lo, first: acc.update(projector(c), first), phase
     )
-    if _stream_is_sharded(an):  # each rank saw its own batches; otherwise every rank saw all
-        _all_reduce(acc.sums)
+    all_reduce_(acc.sums)  # each rank saw its own batches
 
 
 def _projected_engine_curvature(op: LayerCurvature, p_out: torch.Tensor, p_in: torch.Tensor, name: str) -> Any:
@@ -745,7 +705,7 @@ def _record_pass(
         r = projector.records(c)  # [N, k_out, k_in]
         buf[lo : lo + r.shape[0], where[c.name]] = r.reshape(r.shape[0], -1).to("cpu", torch.float32)
 
-    local = {"shard": False} if _stream_is_sharded(an) else {}
+    local = {"shard": False}
     name = f"training data[{data.start}:{data.stop}]"
     loss = lambda b: [an.task.loss(an.model, b, sample=False)]  # noqa: E731 - the engine's scoring loss
     an._stream(data, batch_size, name, loss, consume, "index records", **local)
@@ -906,10 +866,10 @@ def build_index(
         "n_shards": n_shards,
         "byte_order": "little",
     }
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if rank == 0:
         _prepare(path, config, overwrite, lambda: make_projections(an, layout, projection, seed))
-    _barrier()
+    barrier()
     manifest = load_json(path / MANIFEST)
     tensors, _ = load_tensors(path / PROJECTIONS_FILE)
     projector = _Projector({ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in layout})
@@ -928,7 +888,7 @@ def build_index(
             save_json(path / MANIFEST, manifest)
         else:  # ranks must not race on one file: a sidecar per shard, merged by rank 0
             save_json(path / f"shard-{j:05d}.entry.json", entry)
-    _barrier()
+    barrier()
     if rank == 0 and world > 1:
         entries = {e["start"]: e for e in manifest["shards"]}
         sidecars = sorted(path.glob("shard-*.entry.json"))
@@ -939,7 +899,7 @@ def build_index(
         save_json(path / MANIFEST, manifest)
         for side in sidecars:
             side.unlink()
-    _barrier()
+    barrier()
 
     # ---- projected curvature ------------------------------------------------------------------
     manifest = load_json(path / MANIFEST)
@@ -962,7 +922,7 @@ def build_index(
     if rank == 0:
         manifest["complete"] = True
         save_json(path / MANIFEST, manifest)
-    _barrier()
+    barrier()
     return GradientIndex.open(path)
 
 
@@ -1018,7 +978,7 @@ def query_gradients(
         p = curvature[c.name].solve(r, lam[c.name])
         parts[c.name].append(check_finite(p, c.name, "preconditioned query gradient").reshape(p.shape[0], -1).cpu())
 
-    local = {"shard": False} if _stream_is_sharded(an) else {}
+    local = {"shard": False}
     measure = lambda b: [an.task.measurement(an.model, b)]  # noqa: E731
     an._stream(queries, batch_size, "queries", measure, consume, "index query gradients", **local)
     return torch.cat([torch.cat(parts[n]) for n in names], dim=1)
