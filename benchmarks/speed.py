@@ -111,22 +111,6 @@ def run_headwater(model, train, queries, args) -> dict:
     return out
 
 
-def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace HF Conv1D layers by the equivalent nn.Linear, in place (kronfluence tracks only Linear)."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Conv1D):
-            nx, nf = mod.weight.shape
-            lin = torch.nn.Linear(nx, nf).to(mod.weight.device, mod.weight.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(mod.weight.T)
-                lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, lin)
-    return model
-
-
 def run_kronfluence(model, train, queries, args) -> dict | None:
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
@@ -162,6 +146,8 @@ def run_kronfluence(model, train, queries, args) -> dict | None:
 
         def __getitem__(self, i):
             return self.items[i]
+
+    from headwater.layers import conv1d_to_linear
 
     kmodel = prepare_model(conv1d_to_linear(copy.deepcopy(model)), KfTask())  # kronfluence lacks Conv1D
     out = {}

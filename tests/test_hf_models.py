@@ -5,33 +5,16 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 import headwater as hw
 from _models import lm_data, lm_queries, tiny_gpt2, tiny_llama
 from _reference import autograd_grads
-
-
-def _conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every HF Conv1D replaced by the equivalent nn.Linear."""
-    from transformers.pytorch_utils import Conv1D
-
-    model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Conv1D):
-            nx, nf = mod.weight.shape
-            lin = nn.Linear(nx, nf).to(mod.weight.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(mod.weight.T)
-                lin.bias.copy_(mod.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, lin)
-    return model
+from headwater.layers import conv1d_to_linear
 
 
 def test_gpt2_conv1d_scores_equal_the_same_model_with_linear_layers():
     model = tiny_gpt2()
-    linear = _conv1d_to_linear(model)
+    linear = conv1d_to_linear(copy.deepcopy(model))
     train, queries = lm_data(10), lm_queries(3)
     results = []
     for m in (model, linear):

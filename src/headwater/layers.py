@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerAdapter", "adapter_for", "select_layers", "MLP_PARENTS"]
+__all__ = ["LayerAdapter", "adapter_for", "select_layers", "conv1d_to_linear", "MLP_PARENTS"]
 
 # Parent-module names under which common HF architectures keep their MLP projections:
 # GPT-2 (mlp.c_fc / mlp.c_proj), Llama/Mistral/Qwen (mlp.gate_proj/up_proj/down_proj),
@@ -105,6 +105,25 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
         has_bias = module.bias is not None
         return LayerAdapter("conv1d", nx + has_bias, nf, has_bias)
     return None
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every HF ``Conv1D`` in ``model`` by the equivalent ``nn.Linear``, in place.
+
+    headwater tracks Conv1D natively; this exists to compare with tools that track only
+    ``nn.Linear`` (kronfluence), and to test that both forms give the same scores.
+    """
+    conv1d = _conv1d_type()
+    for name, mod in list(model.named_modules()):
+        if conv1d is not None and isinstance(mod, conv1d):
+            nx, nf = mod.weight.shape
+            lin = nn.Linear(nx, nf).to(mod.weight.device, mod.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.T)
+                lin.bias.copy_(mod.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
 
 
 def _is_mlp(name: str) -> bool:
