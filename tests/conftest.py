@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# The test models are tiny: one intra-op thread is faster than two, and it keeps the suite's time
-# steady when the machine is shared.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test models are tiny: one intra-op thread is faster than two, and on a shared 2-core
+    machine spinning OpenMP threads (and functorch's batched products) slow down up to 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

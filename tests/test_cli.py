@@ -23,14 +23,6 @@ from headwater.storage import load_tensors
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny; on a shared 2-core machine, 2 spinning OpenMP threads are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def invoke(*args: str):  # noqa: ANN201
     return runner.invoke(app, [str(a) for a in args])

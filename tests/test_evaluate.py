@@ -34,14 +34,6 @@ from headwater.layers import select_layers
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """functorch's batched products slow down 100x when threads oversubscribe a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------
 # Tiny problems and their dense ground truth

@@ -19,15 +19,6 @@ from headwater.evaluate.gauss_newton import ParameterSpace, dense_gauss_newton
 from headwater.task import Task
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny products: threads only contend on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rel_error(an: hw.Attributor, ref: hw.Attributor) -> float:
     """Worst relative Frobenius error over layers of the dense curvature blocks."""
     errs = []

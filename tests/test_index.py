@@ -22,15 +22,6 @@ from _reference import autograd_grads, blocks, dense_gauss_newton
 from headwater.index import CorruptIndexError, GradientIndex, build_index, query_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared 2-core machine two spinning OpenMP threads are far slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     return tiny_gpt2()
