@@ -27,7 +27,7 @@ from headwater.evaluate import (
     retrieval,
     sample_subsets,
 )
-from headwater.evaluate.gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients
+from headwater.gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients
 from headwater.layers import select_layers
 
 # torch.func's forward-mode decompositions call the deprecated torch.jit.script internally

@@ -2,7 +2,7 @@
 
 References are exact and independent of the estimators: ``fisher="exact"`` (itself checked
 against dense Gauss-Newton in test_curvature), and for a language model the dense per-sequence
-Gauss-Newton from ``headwater.evaluate.gauss_newton`` (jvp/vjp, no capture), read off in a
+Gauss-Newton from ``headwater.gauss_newton`` (jvp/vjp, no capture), read off in a
 fixed Kronecker eigenbasis.
 """
 
@@ -15,7 +15,7 @@ import headwater as hw
 import headwater.task as task_module
 from _models import MLP, classification_data, lm_data, regression_data, tiny_gpt2
 from headwater.curvature import LambdaAccumulator
-from headwater.evaluate.gauss_newton import ParameterSpace, dense_gauss_newton
+from headwater.gauss_newton import ParameterSpace, dense_gauss_newton
 from headwater.task import Task
 
 

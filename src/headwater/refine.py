@@ -14,7 +14,7 @@ vectorized over the Q columns, with:
 - start ``X_0 = M^-1 B``: zero steps return plain EK-FAC, exactly;
 - products ``G V = (1/N) sum_m J_m^T H_m J_m V`` over the fit data, from forward- and
   reverse-mode autodiff through the model restricted to the tracked layers' weights
-  (``headwater.evaluate.gauss_newton.gauss_newton_product``: ``torch.func`` jvp/vjp, vmapped
+  (``headwater.gauss_newton.gauss_newton_product``: ``torch.func`` jvp/vjp, vmapped
   over the Q vectors). ``blocks="full"`` keeps the cross-layer terms of G; ``blocks="layer"``
   solves each layer's diagonal block, the system EK-FAC itself approximates.
 
@@ -83,7 +83,7 @@ def refine(
     grads: raw query gradients [Q, O, I] per layer (B). G is the per-example mean Gauss-Newton
     over ``data``. ``chunk`` caps how many vectors one vmapped product carries (memory).
     """
-    from .evaluate.gauss_newton import ParameterSpace, differentiable_attention, eval_mode
+    from .gauss_newton import ParameterSpace, differentiable_attention, eval_mode
 
     steps, blocks = check_refine(steps, blocks)
     space = ParameterSpace(model, layers)
@@ -132,7 +132,7 @@ def _gn_product(
     only: the K vectors are split into L zero-padded copies, one per layer, and each copy keeps
     only its own layer's part of the product (L x the work, no cross-layer coupling).
     """
-    from .evaluate.gauss_newton import gauss_newton_product
+    from .gauss_newton import gauss_newton_product
 
     n = len(data)
     bounds, lo = [], 0

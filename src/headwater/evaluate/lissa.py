@@ -32,10 +32,7 @@ import torch
 from torch import nn
 
 from ..data import check_batch_size, check_data
-from ..layers import select_layers
-from ..scoring import Scores
-from ..task import LanguageModelingTask, Task
-from .gauss_newton import (
+from ..gauss_newton import (
     ParameterSpace,
     differentiable_attention,
     eval_mode,
@@ -43,6 +40,9 @@ from .gauss_newton import (
     layer_gradients,
     stream_scores,
 )
+from ..layers import select_layers
+from ..scoring import Scores
+from ..task import LanguageModelingTask, Task
 
 __all__ = ["LiSSA"]
 

@@ -34,7 +34,7 @@ import torch
 
 from ..attributor import Attributor
 from ..curvature import EigenCurvature
-from .gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, stream_scores
+from ..gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, stream_scores
 from .lissa import LiSSA
 from .trainers import Benchmark
 

@@ -44,9 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data import check_batch_size, check_data, iter_batches
-from ..layers import select_layers
-from ..task import Task
-from .gauss_newton import (
+from ..gauss_newton import (
     ParameterSpace,
     _cast,
     eval_mode,
@@ -55,6 +53,8 @@ from .gauss_newton import (
     precise_loss,
     precise_measurement,
 )
+from ..layers import select_layers
+from ..task import Task
 from .lds import Correlation, correlation_summary
 
 __all__ = ["PBRF", "PBRFResponse", "PBRFScores", "pearson_per_query"]
@@ -68,7 +68,7 @@ class PBRFResponse:
     """The solved response for one training example.
 
     delta: theta(eps) - theta_s as one flat float64 vector over the tracked layers [P], in the
-    canonical [O, I] layout of ``evaluate.gauss_newton.ParameterSpace``.
+    canonical [O, I] layout of ``headwater.gauss_newton.ParameterSpace``.
     """
 
     index: int

@@ -1,4 +1,4 @@
-"""Matrix-free Gauss-Newton products over *all* tracked parameters, for the baselines.
+"""Matrix-free Gauss-Newton products over *all* tracked parameters, for the baselines and for refinement.
 
 The engine approximates the Gauss-Newton matrix G block-diagonally per layer. The evaluation
 baselines (LiSSA, PBRF, the dense "exact" reference) need the real thing, cross-layer blocks
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..capture import Capture
-from ..curvature import per_example_grads
-from ..data import iter_batches
-from ..layers import LayerAdapter
-from ..task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, _logits
+from .capture import Capture
+from .curvature import per_example_grads
+from .data import iter_batches
+from .layers import LayerAdapter
+from .task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, _logits
 
 __all__ = [
     "ParameterSpace",
