@@ -392,6 +392,15 @@ def score_workdir(
     return results
 
 
+def _echo_top(results: list[dict]) -> None:
+    """One terminal line per query: its most positive training sequence."""
+    for r in results:
+        best = r["top"][0]
+        text = best["text"].replace("\n", " ")
+        text = text if len(text) <= 80 else text[:77] + "..."
+        typer.echo(f"{r['prompt']!r} -> {r['completion']!r}: top {best['score']:+.3g} #{best['index']} {text}")
+
+
 def _render(results: list[dict], scores: Any, settings: dict, meta: dict) -> str:
     """The report, with the paper's analyses (``headwater.analysis``) of these scores in it."""
     from .analysis import analyze, layer_order
@@ -792,11 +801,7 @@ def score(
             per_token=per_token, batch_size=batch_size, device=device, progress=not quiet, log=log,
             candidates=candidates,
         )  # fmt: skip
-        for r in results:
-            best = r["top"][0]
-            text = best["text"].replace("\n", " ")
-            text = text if len(text) <= 80 else text[:77] + "..."
-            typer.echo(f"{r['prompt']!r} -> {r['completion']!r}: top {best['score']:+.3g} #{best['index']} {text}")
+        _echo_top(results)
 
     _run(quiet, debug, body)
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import DebugOpt, Log, QuietOpt, _now, _parse_modules, _read_cli_json, _render, _run, _setup
+from .cli import DebugOpt, Log, QuietOpt, _echo_top, _now, _parse_modules, _read_cli_json, _render, _run, _setup
 from .io import InputError
 
 __all__ = ["index_app", "build_workdir_index", "query_workdir_index"]
@@ -264,10 +264,6 @@ def query(
             workdir, queries, index=index, data=data, top_k=top_k, damping=damping, batch_size=batch_size,
             device=device, out=out, progress=not quiet, log=log,
         )  # fmt: skip
-        for r in results:
-            best = r["top"][0]
-            text = best["text"].replace("\n", " ")
-            text = text if len(text) <= 80 else text[:77] + "..."
-            typer.echo(f"{r['prompt']!r} -> {r['completion']!r}: top {best['score']:+.3g} #{best['index']} {text}")
+        _echo_top(results)
 
     _run(quiet, debug, body)
