@@ -1,4 +1,4 @@
-"""Fisher estimators: several draws per forward, and the top-m-plus-tail estimator.
+"""Fisher estimators: several draws per forward, the signed top-m-plus-tail estimator, "auto".
 
 References are exact and independent of the estimators: ``fisher="exact"`` (itself checked
 against dense Gauss-Newton in test_curvature), and for a language model the dense per-sequence
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import headwater as hw
-import headwater.task as task_module
 from _models import MLP, classification_data, lm_data, regression_data, tiny_gpt2
 from headwater.curvature import LambdaAccumulator
 from headwater.gauss_newton import ParameterSpace, dense_gauss_newton
@@ -45,7 +44,7 @@ CASES = {
 def test_one_sample_reproduces_the_single_draw_fit_exactly(case):
     model, data, cls, kw = CASES[case]
     task, ref_task = cls(), _own_loss(cls)()
-    new = hw.Attributor(model, task=task, samples=1, seed=3, **kw).fit(data, batch_size=4)
+    new = hw.Attributor(model, task=task, fisher="sampled", samples=1, seed=3, **kw).fit(data, batch_size=4)
     old = hw.Attributor(model, task=ref_task, seed=3, **kw).fit(data, batch_size=4)
     for n in new.layers:
         for key, value in new.curvature[n].tensors().items():
@@ -64,17 +63,60 @@ class _DefaultRegression(hw.RegressionTask):
 def test_many_samples_converge_to_the_exact_fisher(task, data, samples):
     model = MLP().double()
     exact = hw.Attributor(model, task=task, fisher="exact").fit(data, batch_size=64)
-    one = _rel_error(hw.Attributor(model, task=task, samples=1).fit(data, batch_size=64), exact)
-    many = _rel_error(hw.Attributor(model, task=task, samples=samples).fit(data, batch_size=64), exact)
+    one = _rel_error(hw.Attributor(model, task=task, fisher="sampled").fit(data, batch_size=64), exact)
+    many = _rel_error(hw.Attributor(model, task=task, fisher="sampled", samples=samples).fit(data, 64), exact)
     assert many < one * 2.5 / samples**0.5  # error ~ 1/sqrt(samples)
 
 
-def test_topk_is_the_exact_fisher_once_it_covers_every_class():
-    model, data = MLP().double(), classification_data(40)
-    task = hw.ClassificationTask()
+def test_topk_is_the_exact_fisher_for_one_regression_output():
+    """Squared error with one output: the random sign squares away, so one pass is exact."""
+    model, data, task = MLP(d_out=1).double(), regression_data(40, d_out=1), hw.RegressionTask()
     exact = hw.Attributor(model, task=task, fisher="exact").fit(data, batch_size=8)
-    topk = hw.Attributor(model, task=task, fisher="topk", samples=3).fit(data, batch_size=8)
-    assert _rel_error(topk, exact) < 1e-10
+    for seed in (0, 1):
+        topk = hw.Attributor(model, task=task, fisher="topk", seed=seed).fit(data, batch_size=8)
+        assert _rel_error(topk, exact) < 1e-10
+
+
+def _peaked_classifier() -> tuple[MLP, list[tuple]]:
+    """A confident 10-class model: scaled-up output weights put ~all softmax mass on one class."""
+    model = MLP(d_out=10).double()
+    with torch.no_grad():
+        model.fc2.weight.mul_(60.0)
+    return model, classification_data(64, classes=10)
+
+
+def test_peaked_classifier_is_confident():
+    model, data = _peaked_classifier()
+    p = torch.softmax(model(torch.stack([x for x, _ in data])), dim=-1).max(-1).values
+    assert p.median() > 0.95 and p.min() < 0.9  # confident, with some tail mass left to draw
+
+
+def test_importance_one_pass_spreads_far_less_than_one_draw_over_seeds():
+    """The issue's failure mode: Lambda's mean (and with it the damping) hinges on rare draws.
+
+    At equal cost (one backward pass each), importance-weighted labels give every draw the
+    same logit-gradient norm, so the output layer's mean(Lambda) is exact for every seed and
+    the hidden layer's spreads a small fraction of plain sampling's; both average to the
+    exact Fisher's.
+    """
+    model, data = _peaked_classifier()
+    task = hw.ClassificationTask()
+    exact = hw.Attributor(model, task=task, fisher="exact").fit(data, batch_size=16)
+
+    def mean_lambdas(fisher: str) -> torch.Tensor:
+        out = []
+        for seed in range(12):
+            an = hw.Attributor(model, task=task, fisher=fisher, seed=seed).fit(data, batch_size=16)
+            out.append(torch.stack([op.lam.mean() for op in an.curvature.values()]))
+        return torch.stack(out)  # [seeds, layers] in order fc1, fc2
+
+    reference = torch.stack([op.lam.mean() for op in exact.curvature.values()])
+    sampled, importance = mean_lambdas("sampled"), mean_lambdas("importance")
+    rel_sd = lambda x: x.std(0) / reference  # noqa: E731
+    assert (rel_sd(sampled) > 0.1).all()  # the problem is there to solve
+    assert rel_sd(importance)[1] < 1e-10
+    assert rel_sd(importance)[0] < rel_sd(sampled)[0] / 4, (rel_sd(importance), rel_sd(sampled))
+    assert ((importance.mean(0) - reference).abs() / reference).max() < 3 * rel_sd(importance).max() + 1e-10
 
 
 def _bias_and_noise(exact: torch.Tensor, runs: torch.Tensor) -> tuple[float, float]:
@@ -89,7 +131,7 @@ def test_topk_below_every_class_is_unbiased_on_a_classifier():
     exact = hw.Attributor(model, task=task, strategy="diagonal", fisher="exact").fit(data, batch_size=64)
     runs = []
     for seed in range(40):
-        an = hw.Attributor(model, task=task, strategy="diagonal", fisher="topk", samples=2, seed=seed)
+        an = hw.Attributor(model, task=task, strategy="diagonal", fisher="topk", top=1, seed=seed)
         runs.append(torch.cat([op.diag.flatten() for op in an.fit(data, batch_size=64).curvature.values()]))
     bias, noise = _bias_and_noise(torch.cat([op.diag.flatten() for op in exact.curvature.values()]), torch.stack(runs))
     assert bias < noise
@@ -105,8 +147,8 @@ def lm_lambda():
     q = torch.kron(op.q_s, op.q_a)  # any fixed orthonormal basis: E[(Q^T dW)^2] = diag(Q^T G Q)
     exact = torch.diagonal(q.T @ g @ q).reshape(op.shape)
 
-    def estimate(fisher: str, samples: int, seed: int) -> torch.Tensor:
-        an = hw.Attributor(model, modules=modules, fisher=fisher, samples=samples, seed=seed)
+    def estimate(fisher: str, top: int, seed: int, samples: int = 1) -> torch.Tensor:
+        an = hw.Attributor(model, modules=modules, fisher=fisher, top=top, samples=samples, seed=seed)
         acc = LambdaAccumulator({name: op})
         an._fit_pass(acc, data, 8, "eigenvalue correction", "test", False)
         return acc.ekfac(name).lam
@@ -114,24 +156,20 @@ def lm_lambda():
     return exact, estimate
 
 
-@pytest.mark.parametrize("samples, seeds", [(4, 80), (40, 30)])
-def test_topk_lambda_is_unbiased_on_a_multi_token_lm(lm_lambda, samples, seeds):
-    """The random signs cancel cross-token terms: the seed average approaches the dense GN's Lambda.
-
-    samples=40 = the vocabulary: every token enters exactly and only the signs are random.
+@pytest.mark.parametrize("top, samples, seeds", [(3, 1, 80), (40, 1, 40), (40, 3, 30)])
+def test_topk_lambda_is_unbiased_on_a_multi_token_lm(lm_lambda, top, samples, seeds):
+    """The random signs cancel cross-slot and cross-token terms: the seed average approaches
+    the dense GN's Lambda. top=40 = the vocabulary: every token enters exactly, only signs are random.
     """
     exact, estimate = lm_lambda
-    bias, noise = _bias_and_noise(exact, torch.stack([estimate("topk", samples, s) for s in range(seeds)]))
+    bias, noise = _bias_and_noise(exact, torch.stack([estimate("topk", top, s, samples) for s in range(seeds)]))
     assert bias < noise
 
 
-def test_topk_without_random_signs_would_be_biased(lm_lambda, monkeypatch):
-    """The check above has power: dropping the signs leaves the cross-token terms in."""
+def test_importance_lambda_is_unbiased_on_a_multi_token_lm(lm_lambda):
     exact, estimate = lm_lambda
-    signed = task_module._topk_tail
-    monkeypatch.setattr(task_module, "_topk_tail", lambda logits, k: (lambda y, w: (y, w.abs()))(*signed(logits, k)))
-    bias, noise = _bias_and_noise(exact, torch.stack([estimate("topk", 40, s) for s in range(30)]))
-    assert bias > 2 * noise
+    bias, noise = _bias_and_noise(exact, torch.stack([estimate("importance", 8, s) for s in range(60)]))
+    assert bias < noise
 
 
 def test_bad_samples_raise_clear_errors():
@@ -140,8 +178,39 @@ def test_bad_samples_raise_clear_errors():
         hw.Attributor(model, task=hw.ClassificationTask(), samples=0)
     with pytest.raises(ValueError, match="samples=4 draws pseudo-labels, but fisher='exact' draws none"):
         hw.Attributor(model, task=hw.ClassificationTask(), fisher="exact", samples=4)
-    with pytest.raises(NotImplementedError, match="fisher='topk' needs RegressionTask.topk_losses"):
-        hw.Attributor(model, task=hw.RegressionTask(), fisher="topk").fit(regression_data(4))
+    with pytest.raises(ValueError, match="top must be a positive integer, got 0"):
+        hw.Attributor(model, task=hw.ClassificationTask(), top=0)
+    with pytest.raises(NotImplementedError, match="fisher='topk' needs _Custom.topk_losses"):
+        hw.Attributor(model, task=_Custom(), fisher="topk").fit(regression_data(4))
+
+
+class _Custom(Task):
+    """A user's task with only the required methods."""
+
+    def loss(self, model, batch, sample=False):
+        return hw.RegressionTask().loss(model, batch, sample)
+
+    def measurement(self, model, batch):
+        return self.loss(model, batch)
+
+
+@pytest.mark.parametrize("task, expected", [(hw.ClassificationTask(), "topk"), (hw.RegressionTask(), "topk"),
+                                            (hw.LanguageModelingTask(), "topk"), (_Custom(), "sampled"),
+                                            (_own_loss(hw.ClassificationTask)(), "sampled")])  # fmt: skip
+def test_auto_picks_topk_where_the_task_implements_it_on_its_own_loss(task, expected, tmp_path):
+    an = hw.Attributor(MLP().double(), task=task, workdir=tmp_path)
+    assert an.fisher == expected
+    import json
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["fisher"] == expected and saved["top"] == (8 if expected == "topk" else None)
+
+
+def test_workdir_records_top(tmp_path):
+    model = MLP().double()
+    hw.Attributor(model, task=hw.ClassificationTask(), top=2, workdir=tmp_path)
+    with pytest.raises(ValueError, match="top=2 \\(this Attributor has top=3\\)"):
+        hw.Attributor(model, task=hw.ClassificationTask(), top=3, workdir=tmp_path)
 
 
 def test_workdir_records_samples_and_old_workdirs_mean_one(tmp_path):

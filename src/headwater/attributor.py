@@ -52,11 +52,27 @@ from .task import LanguageModelingTask, Task
 __all__ = ["Attributor", "NotFittedError", "STRATEGIES", "FISHERS"]
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FISHERS = ("sampled", "empirical", "exact", "topk")
+FISHERS = ("auto", "topk", "importance", "sampled", "empirical", "exact")
+DEFAULT_TOP = 8
 
 
 # Config keys added after workdirs existed: a saved config without one was made with this value.
-_CONFIG_DEFAULTS = {"samples": 1}
+_CONFIG_DEFAULTS = {"samples": 1, "top": None}
+
+
+def resolve_fisher(task: Task, fisher: str) -> str:
+    """``"auto"`` -> ``"topk"`` when the task implements it on its own loss, else ``"sampled"``.
+
+    A subclass of a built-in task that replaces ``loss`` keeps the paper's sampling: only its
+    own ``loss(sample=True)`` knows how to draw its labels.
+    """
+    if fisher != "auto":
+        return fisher
+    kind = type(task)
+    if kind.topk_losses is Task.topk_losses:
+        return "sampled"
+    builtin = next((c for c in kind.__mro__ if "topk_losses" in vars(c)), kind)
+    return "topk" if kind.loss is builtin.loss else "sampled"
 
 
 def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
@@ -81,14 +97,23 @@ class Attributor:
     strategy : {"identity", "diagonal", "kfac", "ekfac"}
     modules : None, "mlp" or list of str
         Which layers to track: every supported layer, the MLP projections, or by name.
-    fisher : {"sampled", "empirical", "exact", "topk"}
-        Pseudo-labels drawn from the model (the paper's choice), the data's own labels, the
-        exact expectation over labels (tasks with few outputs), or "topk": the top
-        ``samples - 1`` labels per token exactly plus one draw from the rest, with random
-        signs; unbiased, and far less seed-dependent than plain draws for peaked softmaxes.
+    fisher : {"auto", "topk", "importance", "sampled", "empirical", "exact"}
+        How the Gauss-Newton's pseudo-gradients are formed. "topk": the ``top`` likeliest
+        labels per scored token exactly plus one draw from the rest, under random signs, in
+        one backward pass; unbiased, and its Lambda and damping barely move with the seed,
+        where a single draw's hinge on whether a rare label came up. "importance": one label
+        per token drawn in proportion to its share of the Hessian's trace and reweighted, so
+        every draw carries the same gradient magnitude (lowest spread of Lambda's mean on
+        confident classifiers). "sampled": one label drawn from the model per token (the
+        paper's choice). "empirical": the data's own labels.
+        "exact": the expectation over labels, one backward pass per class (few outputs only).
+        "auto" (default) is "topk" for the built-in tasks and "sampled" for tasks that do not
+        implement ``topk_losses``; the resolved choice is in ``an.fisher``.
     samples : int
-        Pseudo-losses (backward passes) per batch for "sampled" and "topk": k label draws per
-        scored token from one forward pass, averaged. Costs k times the backward passes.
+        Pseudo-losses (backward passes) per batch for "topk", "importance" and "sampled",
+        averaged; all from one forward pass. Costs ``samples`` times the backward passes.
+    top : int
+        Labels per token that "topk" takes exactly (default 8).
     workdir : path or None
         Where factors persist; None keeps them in memory.
     seed : int
@@ -106,8 +131,9 @@ class Attributor:
         task: Task | None = None,
         strategy: str = "ekfac",
         modules: None | str | list[str] = None,
-        fisher: str = "sampled",
+        fisher: str = "auto",
         samples: int = 1,
+        top: int = DEFAULT_TOP,
         workdir: str | Path | None = None,
         seed: int = 0,
         progress: bool = False,
@@ -128,14 +154,18 @@ class Attributor:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        if samples != 1 and fisher not in ("sampled", "topk"):
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be a positive integer, got {top!r}")
+        fisher = resolve_fisher(task, fisher)
+        if samples != 1 and fisher not in ("sampled", "topk", "importance"):
             raise ValueError(f"samples={samples} draws pseudo-labels, but fisher={fisher!r} draws none; "
-                             "use fisher='sampled' or 'topk', or leave samples=1")  # fmt: skip
+                             "use fisher='topk', 'importance' or 'sampled', or leave samples=1")  # fmt: skip
         self.model = model
         self.task = task
         self.strategy = strategy
         self.fisher = fisher
         self.samples = samples
+        self.top = top
         self.seed = seed
         self.progress = progress
         if checkpoint_every is not None and (
@@ -155,6 +185,7 @@ class Attributor:
             "strategy": strategy,
             "fisher": fisher,
             "samples": samples,
+            "top": top if fisher == "topk" else None,
             "seed": seed,
             "modules": {n: [ad.kind, ad.out_features, ad.in_features] for n, ad in self.layers.items()},
         }
@@ -170,7 +201,7 @@ class Attributor:
             save_json(cfg_path, self._config)
         barrier()  # other ranks read what rank 0 wrote
         saved = load_json(cfg_path)
-        for key in ("model", "task", "strategy", "fisher", "samples", "seed", "modules"):
+        for key in ("model", "task", "strategy", "fisher", "samples", "top", "seed", "modules"):
             if saved.get(key, _CONFIG_DEFAULTS.get(key)) != self._config[key]:
                 if key == "model":
                     diff = "another model (its weights or architecture differ from this one's)"
@@ -254,7 +285,9 @@ class Attributor:
         if self.fisher == "sampled":
             return self.task.sampled_losses(self.model, batch, self.samples)
         if self.fisher == "topk":
-            return self.task.topk_losses(self.model, batch, self.samples)
+            return self.task.topk_losses(self.model, batch, self.samples, self.top)
+        if self.fisher == "importance":
+            return self.task.importance_losses(self.model, batch, self.samples)
         return [self.task.loss(self.model, batch, sample=False)]
 
     def _fit_pass(self, acc: Any, data: Any, batch_size: int, phase: str, fp: str, overwrite: bool) -> None:

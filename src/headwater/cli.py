@@ -109,6 +109,17 @@ def _factors_meta(workdir: Path) -> dict | None:
         raise InputError(f"{path} is not a readable safetensors file ({e}); it may be truncated, refit") from e
 
 
+def attributor_from_settings(settings: dict, net: Any, task: Any, workdir: Path, progress: bool) -> Any:
+    """The Attributor a workdir's cli.json describes (older files lack the newer keys)."""
+    import headwater as hw
+
+    return hw.Attributor(net, task=task, strategy=settings.get("strategy", "ekfac"),
+                         modules=_parse_modules(settings.get("modules", "mlp")),
+                         fisher=settings.get("fisher", "sampled"), samples=settings.get("samples", 1),
+                         top=settings.get("top", 8), workdir=workdir, seed=settings.get("seed", 0),
+                         progress=progress)  # fmt: skip
+
+
 def fit_workdir(
     model: str | Path,
     data: str | Path,
@@ -117,8 +128,9 @@ def fit_workdir(
     tokenizer: str | Path | None = None,
     modules: str | list[str] | None = "mlp",
     strategy: str = "ekfac",
-    fisher: str = "sampled",
+    fisher: str = "auto",
     samples: int = 1,
+    top: int = 8,
     max_length: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
@@ -159,7 +171,7 @@ def fit_workdir(
     # then what only the CLI knows: truncation, tokenizer and data.
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
     an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, samples=samples,
-                       workdir=workdir, seed=seed, progress=progress)  # fmt: skip
+                       top=top, workdir=workdir, seed=seed, progress=progress)  # fmt: skip
     prev_path = workdir / CLI_FILE
     meta = _factors_meta(workdir)
     if meta is not None and not overwrite:
@@ -203,8 +215,9 @@ def fit_workdir(
         "modules": modules if isinstance(modules, (str, type(None))) else list(modules),
         "layers": list(an.layers),
         "strategy": strategy,
-        "fisher": fisher,
+        "fisher": an.fisher,
         "samples": samples,
+        "top": top,
         "batch_size": batch_size,
         "seed": seed,
         "device": device,
@@ -281,11 +294,7 @@ def score_workdir(
                      dtype=settings.get("dtype", "float32"))  # fmt: skip
     tok = load_tokenizer(settings["tokenizer"])
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=settings.get("max_length"))
-    mods = _parse_modules(settings.get("modules", "mlp"))
-    an = hw.Attributor(net, task=task, strategy=settings.get("strategy", "ekfac"), modules=mods,
-                       fisher=settings.get("fisher", "sampled"), samples=settings.get("samples", 1),
-                       workdir=workdir, seed=settings.get("seed", 0),
-                       progress=progress)  # fmt: skip
+    an = attributor_from_settings(settings, net, task, workdir, progress)
     bs = batch_size or settings.get("batch_size", 8)
     clean_q = [{"prompt": q["prompt"], "completion": q["completion"]} for q in qs]
     k = min(top_k, len(docs))
@@ -310,7 +319,7 @@ def score_workdir(
         # An in-memory Attributor sharing the fitted curvature: these small re-scorings should
         # not each leave a cached result in the workdir the way a workdir-backed one would.
         sub = hw.Attributor(net, task=task, strategy=an.strategy, modules=list(an.layers), fisher=an.fisher,
-                            samples=an.samples, seed=an.seed, progress=False)  # fmt: skip
+                            samples=an.samples, top=an.top, seed=an.seed, progress=False)  # fmt: skip
         sub.curvature = an.curvature
         it: Any = range(len(qs))
         if progress:
@@ -730,11 +739,14 @@ def fit(
     ] = "mlp",
     strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
     fisher: Annotated[
-        str, typer.Option(help="sampled (the paper's choice), topk (lower variance), empirical or exact.")
-    ] = "sampled",
-    samples: Annotated[
-        int, typer.Option(min=1, help="Label draws per token (sampled) or backward passes (topk) per batch.")
-    ] = 1,
+        str,
+        typer.Option(
+            help="auto (= topk), topk (top labels exactly + a tail draw), importance (reweighted draws), "
+            "sampled (the paper's single draw) or empirical."
+        ),
+    ] = "auto",
+    samples: Annotated[int, typer.Option(min=1, help="Pseudo-label backward passes per batch (x the cost).")] = 1,
+    top: Annotated[int, typer.Option(min=1, help="Labels per token that topk takes exactly.")] = 8,
     max_length: Annotated[
         int | None,
         typer.Option("--max-length", min=2, help="Truncate documents to N tokens (default: the model's context)."),
@@ -756,8 +768,8 @@ def fit(
         debug,
         lambda: fit_workdir(
             model, data, workdir, tokenizer=tokenizer, modules=modules, strategy=strategy, fisher=fisher,
-            samples=samples, max_length=max_length, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-            overwrite=overwrite, progress=not quiet, log=log,
+            samples=samples, top=top, max_length=max_length, batch_size=batch_size, seed=seed, device=device,
+            dtype=dtype, overwrite=overwrite, progress=not quiet, log=log,
         ),
     )  # fmt: skip
 

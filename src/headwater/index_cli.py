@@ -23,7 +23,18 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import DebugOpt, Log, QuietOpt, _echo_top, _now, _parse_modules, _read_cli_json, _render, _run, _setup
+from .cli import (
+    DebugOpt,
+    Log,
+    QuietOpt,
+    _echo_top,
+    _now,
+    _read_cli_json,
+    _render,
+    _run,
+    _setup,
+    attributor_from_settings,
+)
 from .io import InputError
 
 __all__ = ["index_app", "build_workdir_index", "query_workdir_index"]
@@ -44,9 +55,7 @@ def _attributor(workdir: Path, device: str | None, progress: bool) -> tuple[Any,
                      dtype=settings.get("dtype", "float32"))  # fmt: skip
     tok = load_tokenizer(settings["tokenizer"])
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=settings.get("max_length"))
-    an = hw.Attributor(net, task=task, strategy=settings.get("strategy", "ekfac"),
-                       modules=_parse_modules(settings.get("modules", "mlp")), fisher=settings.get("fisher", "sampled"),
-                       workdir=workdir, seed=settings.get("seed", 0), progress=progress)  # fmt: skip
+    an = attributor_from_settings(settings, net, task, workdir, progress)
     return an, settings, tok
 
 

@@ -14,8 +14,12 @@ over examples and scored tokens:
   label draws, each scaled by 1/sqrt(k) so that their gradients' outer products *average* over
   the draws (``fisher="sampled"``). The default calls ``loss(sample=True)`` k times; the
   built-in tasks override it to draw all k labels from one forward pass.
-- ``topk_losses(model, batch, samples)`` (optional): ``fisher="topk"``, the variance-reduced
-  estimator for peaked softmax outputs (see ``_topk_tail``).
+- ``topk_losses(model, batch, samples, top)`` (optional): ``fisher="topk"``, the
+  variance-reduced estimator for peaked softmax outputs (see ``_topk_tail``): ``samples``
+  pseudo-losses, each one backward pass, each holding the ``top`` likeliest labels exactly plus
+  one tail draw under random signs. The built-in tasks implement it, and it is their default.
+- ``importance_losses(model, batch, samples)`` (optional): ``fisher="importance"``, labels
+  drawn in proportion to their share of tr(H) and reweighted (see ``_importance_labels``).
 - ``gauss_newton_losses(model, batch)`` (optional): pseudo-losses whose gradients' outer
   products sum *exactly* to G, for ``fisher="exact"``. For a softmax with probabilities p,
   ``H = diag(p) - p p^T = sum_k sqrt(p_k)(e_k - p) (sqrt(p_k)(e_k - p))^T``, so one pseudo-loss
@@ -74,9 +78,14 @@ class Task:
         """
         return [self.loss(model, batch, sample=True) * samples**-0.5 for _ in range(samples)]  # x 1.0 is exact
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
         raise NotImplementedError(
             f"fisher='topk' needs {type(self).__name__}.topk_losses(); use fisher='sampled' or implement it"
+        )
+
+    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        raise NotImplementedError(
+            f"fisher='importance' needs {type(self).__name__}.importance_losses(); use fisher='sampled' or implement it"
         )
 
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
@@ -146,26 +155,28 @@ def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.
     return [-(log_probs.gather(-1, labels[:, j : j + 1]).squeeze(-1) * w[:, j]).sum() for j in range(labels.shape[1])]
 
 
-def _topk_tail(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_tail(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and signed weights [M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
 
     With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T``. For a peaked p almost all of that mass is
     in a few classes, and plain sampling spends its draws re-drawing them while the rare draw
-    of a tail class, whose v_c is large, decides the estimate. Here the top m = samples - 1
+    of a tail class, whose v_c is large, decides the estimate. Here the top m = ``top``
     classes enter exactly (weight sqrt(p_c)), and one label y drawn from the renormalized tail
     enters with weight sqrt(r), r = the tail mass: ``sum_top p_c v_c v_c^T + r v_y v_y^T`` is
-    unbiased for H at the cost of ``samples`` backward passes, like ``samples`` plain draws.
-    With samples >= C every class enters exactly and nothing is drawn.
+    unbiased for H, and the tail's share r enters every time instead of by luck of the draw.
+    With m >= C every class enters exactly and nothing is drawn (J = C, else J = m + 1).
 
-    Why random signs: a pseudo-loss sums its per-token terms over a sequence, so the sequence
-    gradient's outer product also holds cross-token products u_t u_t'^T. A sampled v_y has mean
-    zero, which kills them in expectation; a deterministic sqrt(p_c) v_c does not. An
-    independent Rademacher sign per token and pseudo-loss restores E[cross terms] = 0, so
-    EK-FAC's Lambda stays unbiased for multi-token sequences (a single token is unaffected).
+    Why random signs: the J slots are summed into *one* pseudo-loss (one backward pass), and a
+    pseudo-loss also sums over the tokens of a sequence, so the gradient's outer product holds
+    cross products between slots and between tokens. A sampled v_y has mean zero, which kills
+    them in expectation; a deterministic sqrt(p_c) v_c does not. An independent Rademacher sign
+    per token and slot restores E[cross terms] = 0, so both the covariances and EK-FAC's
+    Lambda stay unbiased; what is left of the cross terms is zero-mean noise that averages over
+    tokens, instead of the all-or-nothing draw of a rare label.
     """
     p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     c = p.shape[-1]
-    m = c if samples >= c else samples - 1
+    m = min(top, c)
     top_p, top_i = p.topk(m, dim=-1)  # [M, m]
     labels, weights = [top_i], [top_p.sqrt()]
     if m < c:
@@ -175,6 +186,63 @@ def _topk_tail(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.
     w = torch.cat(weights, dim=-1)
     signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype) * 2 - 1
     return torch.cat(labels, dim=-1), w * signs
+
+
+def _topk_losses(logits: torch.Tensor, samples: int, top: int) -> list[torch.Tensor]:
+    """``samples`` pseudo-losses of the signed top-m-plus-tail estimator, from logits [M, C].
+
+    Each is ``-sum_t sum_j w_tj log p_t(y_tj)`` over every slot of ``_topk_tail`` (fresh signs
+    and tail draws per pseudo-loss), scaled by 1/sqrt(samples) so their outer products average.
+    """
+    if not torch.isfinite(logits.sum()):
+        raise NonFiniteError(
+            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
+            "check the weights and inputs, or run in float32"
+        )
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    out = []
+    for _ in range(samples):
+        with torch.no_grad():
+            labels, weights = _topk_tail(logits, top)
+        out.append(-(log_probs.gather(-1, labels) * weights).sum() * samples**-0.5)
+    return out
+
+
+def _importance_labels(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and signed weights [M, k] drawn in proportion to each label's share of tr(H).
+
+    With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T`` and ``tr H = sum_c p_c |v_c|^2 = 1 - |p|^2``.
+    Plain sampling draws c with probability p_c, so for a peaked p the rare tail labels, whose
+    |v_c|^2 ~ 1 dwarfs the top label's ~(1 - p_top)^2, decide the estimate by luck. Drawing
+    instead from ``q_c = p_c |v_c|^2 / tr H`` with weight ``sqrt(p_c / q_c)`` keeps E[w^2 v v^T] = H
+    and makes ``|w v|^2 = tr H`` the same for every draw: the magnitude, the part that swings
+    Lambda's mean and the damping, no longer depends on the seed; only the direction does.
+
+    The weighted v has a nonzero mean, so a random sign per token and draw restores
+    E[cross-token terms] = 0 for multi-token sequences (as a plain draw has by itself).
+    """
+    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    p2 = p.pow(2).sum(-1, keepdim=True)  # |p|^2
+    trace = (1 - p2).clamp_min(0)
+    share = p * (1 - 2 * p + p2)  # p_c |v_c|^2 >= 0 up to rounding
+    labels = _inverse_cdf(share.clamp_min(0), samples)  # [M, k]
+    v2 = (1 - 2 * p.gather(-1, labels) + p2).clamp_min(torch.finfo(p.dtype).tiny)  # |v_y|^2
+    w = (trace / v2).sqrt() * samples**-0.5
+    signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype) * 2 - 1
+    return labels, w * signs
+
+
+def _importance_losses(logits: torch.Tensor, samples: int) -> list[torch.Tensor]:
+    """``samples`` pseudo-losses of ``_importance_labels`` (one draw per token each)."""
+    if not torch.isfinite(logits.sum()):
+        raise NonFiniteError(
+            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
+            "check the weights and inputs, or run in float32"
+        )
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    with torch.no_grad():
+        labels, weights = _importance_labels(logits, samples)
+    return _label_losses(log_probs, labels, weights)
 
 
 def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -300,13 +368,15 @@ class LanguageModelingTask(Task):
             drawn = _sample_categorical(logits, samples)  # [M, k]
         return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
-        """Top-(samples-1) tokens exactly plus one tail draw per scored token (see ``_topk_tail``)."""
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
+        """The ``top`` likeliest tokens exactly plus one tail draw per scored token (``_topk_tail``)."""
         logits, targets = self._forward(model, batch)
-        logits = logits[targets != IGNORE]  # [M, V]
-        with torch.no_grad():
-            labels, weights = _topk_tail(logits, samples)
-        return _label_losses(F.log_softmax(logits.to(weights.dtype), dim=-1), labels, weights)
+        return _topk_losses(logits[targets != IGNORE], samples, top)  # [M, V]
+
+    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` importance-weighted label draws per scored token (``_importance_labels``)."""
+        logits, targets = self._forward(model, batch)
+        return _importance_losses(logits[targets != IGNORE], samples)  # [M, V]
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
@@ -349,13 +419,15 @@ class ClassificationTask(Task):
             drawn = _sample_categorical(logits, samples)  # [N, k]
         return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
-        """Top-(samples-1) classes exactly plus one tail draw (see ``_topk_tail``); exact once samples >= C."""
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
+        """The ``top`` likeliest classes exactly plus one tail draw per example (``_topk_tail``)."""
         inputs, _ = self._split(batch)
-        logits = _logits(model(inputs))
-        with torch.no_grad():
-            labels, weights = _topk_tail(logits, samples)
-        return _label_losses(F.log_softmax(logits.to(weights.dtype), dim=-1), labels, weights)
+        return _topk_losses(_logits(model(inputs)), samples, top)
+
+    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` importance-weighted label draws per example (``_importance_labels``)."""
+        inputs, _ = self._split(batch)
+        return _importance_losses(_logits(model(inputs)), samples)
 
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         inputs, _ = self._split(batch)
@@ -395,6 +467,22 @@ class RegressionTask(Task):
         with torch.no_grad():
             targets = pred + torch.randn((samples, *pred.shape), dtype=pred.dtype, device=pred.device)
         return [0.5 * ((pred - t) ** 2).sum() * samples**-0.5 for t in targets]  # x 1.0 is exact for k = 1
+
+    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
+        """Every output coordinate exactly, with a random sign each, summed: one backward pass.
+
+        H = I has no tail to sample: the square-root factors are the coordinates themselves, and
+        ``sum_d s_d pred_d`` with Rademacher s_d has E[s s^T] = I. For one output per example the
+        signs square away and this *is* the exact Gauss-Newton. ``top`` has nothing to select.
+        """
+        inputs, _ = self._split(batch)
+        pred = _logits(model(inputs))
+        out = []
+        for _ in range(samples):
+            with torch.no_grad():
+                signs = torch.randint(0, 2, pred.shape, device=pred.device).to(pred.dtype) * 2 - 1
+            out.append((pred * signs).sum() * samples**-0.5)
+        return out
 
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
         inputs, _ = self._split(batch)

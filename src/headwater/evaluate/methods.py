@@ -4,18 +4,18 @@ All methods score the same trained model, data and queries, with the same absolu
 lambda (``reference_damping``), so the differences come from how each approximates
 ``(G + lambda I)^-1`` and nothing else:
 
-- ``identity``, ``diagonal``, ``kfac``, ``ekfac``: headwater's strategies (sampled Fisher,
-  block-diagonal over layers).
-- ``ekfac-exact``: headwater's EK-FAC with ``fisher="exact"`` (the expectation over labels
-  instead of one sampled label per example), for tasks that define ``gauss_newton_losses``.
-- ``ekfac-topk4``: headwater's EK-FAC with ``fisher="topk", samples=4`` (the 3 most likely
-  labels per token exactly, plus one draw from the rest): less pseudo-label noise at 4 label
-  backward passes, and usable with a large vocabulary, where the exact Fisher is not.
+- ``identity``, ``diagonal``, ``kfac``, ``ekfac``: headwater's strategies with its default
+  Fisher estimate (``fisher="auto"``: the signed top-k estimator, one backward pass),
+  block-diagonal over layers.
+- ``ekfac-sampled``: EK-FAC with the paper's single sampled label per token
+  (``fisher="sampled"``), to compare estimators at equal cost.
+- ``ekfac-exact``: headwater's EK-FAC with ``fisher="exact"`` (the expectation over labels,
+  one backward pass per class), for tasks that define ``gauss_newton_losses``.
 - ``lissa``: the LiSSA recursion over all tracked parameters (``evaluate.lissa``).
 - ``exact``: the dense damped Gauss-Newton inverse over all tracked parameters, for small
   models only; the quantity PBRF agrees with to first order.
 - ``kronfluence``: kronfluence's EK-FAC (``pip install headwater[peers]``), with its own
-  sampled labels.
+  sampled labels. ``damping=None`` gives it its own heuristic (0.1 x mean Lambda per module).
 
 Sampled-Fisher methods depend on the label draw, so ``run_method`` takes a seed and the
 benchmark reports the spread over several.
@@ -38,9 +38,17 @@ from ..gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, 
 from .lissa import LiSSA
 from .trainers import Benchmark
 
-__all__ = ["METHODS", "MethodResult", "LiSSASettings", "reference_damping", "run_method", "kronfluence_available"]
+__all__ = [
+    "METHODS",
+    "MethodResult",
+    "LiSSASettings",
+    "reference_damping",
+    "run_method",
+    "kronfluence_available",
+    "kronfluence_scores",
+]
 
-METHODS = ("identity", "diagonal", "kfac", "ekfac", "ekfac-exact", "ekfac-topk4", "lissa", "exact", "kronfluence")
+METHODS = ("identity", "diagonal", "kfac", "ekfac", "ekfac-sampled", "ekfac-exact", "lissa", "exact", "kronfluence")
 
 # Above this many tracked parameters the dense [P, P] Gauss-Newton is not worth forming.
 EXACT_MAX_PARAMETERS = 6000
@@ -101,11 +109,11 @@ def run_method(
         raise ValueError(f"method {method!r} is unknown; choose one of {METHODS}")
     t0 = time.perf_counter()
     meta: dict[str, Any] = {"damping": damping, "seed": seed}
-    if method in ("identity", "diagonal", "kfac", "ekfac", "ekfac-exact", "ekfac-topk4"):
+    if method in ("identity", "diagonal", "kfac", "ekfac", "ekfac-sampled", "ekfac-exact"):
         strategy, fisher, samples = {
             "ekfac-exact": ("ekfac", "exact", 1),
-            "ekfac-topk4": ("ekfac", "topk", 4),
-        }.get(method, (method, "sampled", 1))
+            "ekfac-sampled": ("ekfac", "sampled", 1),
+        }.get(method, (method, "auto", 1))
         an = Attributor(
             bench.model,
             task=bench.task,
@@ -164,8 +172,17 @@ def _conv1d_as_linear(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _kronfluence_scores(bench: Benchmark, damping: float, seed: int) -> torch.Tensor:
+def _kronfluence_scores(bench: Benchmark, damping: float | None, seed: int) -> torch.Tensor:
     """kronfluence 1.0.1's EK-FAC with the same task functions, data, tracked modules and damping."""
+    return kronfluence_scores(bench, [damping], seed)[0]
+
+
+def kronfluence_scores(bench: Benchmark, dampings: list[float | None], seed: int) -> list[torch.Tensor]:
+    """kronfluence's EK-FAC fitted once (pseudo-labels seeded by ``seed``), scored per damping.
+
+    A damping of None is kronfluence's heuristic, 0.1 x mean Lambda per module (its
+    ``ScoreArguments`` default is a fixed 1e-8).
+    """
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -200,13 +217,16 @@ def _kronfluence_scores(bench: Benchmark, damping: float, seed: int) -> torch.Te
         az.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=task.collate, num_workers=0))
         fargs = FactorArguments(strategy="ekfac")
         az.fit_all_factors("f", bench.train, per_device_batch_size=bench.batch_size, factor_args=fargs)
-        az.compute_pairwise_scores(
-            "s",
-            "f",
-            bench.queries,
-            bench.train,
-            per_device_query_batch_size=bench.batch_size,
-            per_device_train_batch_size=bench.batch_size,
-            score_args=ScoreArguments(damping_factor=damping),
-        )
-        return az.load_pairwise_scores("s")["all_modules"].clone()
+        out = []
+        for i, damping in enumerate(dampings):
+            az.compute_pairwise_scores(
+                f"s{i}",
+                "f",
+                bench.queries,
+                bench.train,
+                per_device_query_batch_size=bench.batch_size,
+                per_device_train_batch_size=bench.batch_size,
+                score_args=ScoreArguments(damping_factor=damping),
+            )
+            out.append(az.load_pairwise_scores(f"s{i}")["all_modules"].clone())
+        return out
