@@ -1,22 +1,27 @@
 """Fisher estimators, refinement and damping: seed-to-seed spread and accuracy of EK-FAC influence.
 
-    python benchmarks/fisher.py              # digits + regression, writes benchmarks/results/fisher.md
+    python benchmarks/fisher.py              # digits, regression, LM; writes benchmarks/results/fisher.md
     python benchmarks/fisher.py --tasks digits --seeds 2 --subsets 20 --out ''   # a quick look
 
 Per benchmark (``headwater.evaluate.trainers``) and for each of ``--seeds`` fit seeds:
 
 - Table 1, each method with its *own* damping rule (0.1 x mean Lambda per layer, the default):
-  the seed spread of mean(Lambda), of the damping, and of LDS, for plain sampling with one draw
-  (the paper), plain sampling with k draws, ``fisher="topk"`` with the same k backward passes,
-  and the exact Fisher where the task has one.
+  the seed spread of mean(Lambda), of the damping, and of LDS, for plain sampling with one and
+  with 4 draws (the paper's is one), ``fisher="topk"`` (the default) with 1 and 4 backward
+  passes, ``fisher="importance"``, the exact Fisher where the task has one, and kronfluence's
+  EK-FAC when installed, both at its default damping (a fixed 1e-8) and at its 0.1 x mean
+  Lambda heuristic.
 - Table 2, every method at one absolute damping lambda (0.1 x the mean eigenvalue of the exact
-  Gauss-Newton, from the exact-Fisher EK-FAC): LDS and top-10 overlap with the dense exact damped
-  Gauss-Newton influence, for the estimators above, refinement (``refine_steps``) from the
-  one-draw EK-FAC, the dense solve itself, and kronfluence's EK-FAC when installed.
-- Table 3, LDS against the damping scale for the mean rule and the median rule (one-draw fit).
+  Gauss-Newton, from the exact-Fisher EK-FAC; on the LM, which has no exact Fisher, from a
+  4-pass topk fit): LDS and top-10 overlap with the dense exact damped Gauss-Newton influence
+  (MLPs), for the estimators above, refinement (``refine_steps``) from the default EK-FAC, the
+  dense solve itself, and kronfluence's EK-FAC.
+- Table 3, LDS against the damping scale for the mean rule and the median rule (default fit).
 
-LDS: ``--subsets`` random half subsets retrained under ``--retrain-seeds`` seeds, cached under
-``--cache``. Threads are pinned to one (see ``benchmarks/accuracy.py`` for why).
+LDS: ``--subsets`` random half subsets retrained under ``--retrain-seeds`` seeds (LM:
+``--lm-subsets`` x ``--lm-retrain-seeds``), cached under ``--cache``; the LM's cache is the one
+``benchmarks/accuracy.py`` fills, so copy ``runs/accuracy/lm`` there to skip ~9 min of retraining.
+Threads are pinned to one (see ``benchmarks/accuracy.py`` for why).
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ import torch
 from headwater import Attributor
 from headwater.curvature import EigenCurvature
 from headwater.evaluate import lds, retrain_measurements, sample_subsets
-from headwater.evaluate.methods import kronfluence_available, run_method
+from headwater.evaluate.methods import kronfluence_available, kronfluence_scores, run_method
 from headwater.evaluate.trainers import Benchmark, LMConfig, load_benchmark
 from headwater.storage import atomic_write_text
 
-TOPK_SAMPLES = 4  # k backward passes: top-3 exact + 1 tail draw, vs 4 plain draws
+KRONFLUENCE_DEFAULT = 1e-8  # kronfluence 1.0.1's ScoreArguments.damping_factor
 
 
 def _stats(values: list[float]) -> str:
@@ -69,6 +74,8 @@ class Run:
     def __init__(self, bench: Benchmark, subsets: int, retrain_seeds: int, cache: Path):
         self.bench = bench
         self.retrain_seconds = 0.0
+        self.damping = 0.0  # the absolute lambda of table 2, set once known
+        self._kf: dict[int, tuple[dict, float]] = {}
         if subsets == 0:  # spread only: no retraining, no LDS
             self.y = None
             return
@@ -81,10 +88,20 @@ class Run:
     def lds(self, values: torch.Tensor) -> float | None:
         return None if self.y is None else lds(values, self.subsets, self.y).mean
 
-    def fit(self, fisher: str, samples: int, seed: int) -> tuple[Attributor, float]:
+    def kronfluence(self, seed: int) -> tuple[dict, float]:
+        """kronfluence's scores at its default, its heuristic and table 2's damping (one fit per seed)."""
+        if seed not in self._kf:
+            t = time.perf_counter()
+            keys = [KRONFLUENCE_DEFAULT, None, self.damping]
+            values = kronfluence_scores(self.bench, keys, seed)
+            self._kf[seed] = ({k: v.double() for k, v in zip(["default", "heuristic", "table2"], values)},
+                              (time.perf_counter() - t) / len(keys))  # fmt: skip
+        return self._kf[seed]
+
+    def fit(self, fisher: str, samples: int, seed: int, top: int = 8) -> tuple[Attributor, float]:
         b = self.bench
         t = time.perf_counter()
-        an = Attributor(b.model, task=b.task, modules=b.modules, fisher=fisher, samples=samples, seed=seed)
+        an = Attributor(b.model, task=b.task, modules=b.modules, fisher=fisher, samples=samples, top=top, seed=seed)
         an.fit(b.train, b.batch_size)
         return an, time.perf_counter() - t
 
@@ -96,14 +113,17 @@ class Run:
 
 
 def estimators(bench: Benchmark) -> list[tuple[str, str, int]]:
-    """(label, fisher, samples) for the estimators this task supports."""
-    out = [("sampled, k=1 (paper)", "sampled", 1), (f"sampled, k={TOPK_SAMPLES}", "sampled", TOPK_SAMPLES)]
-    if bench.name != "regression":  # topk and exact need a softmax output
-        out.append((f"topk, k={TOPK_SAMPLES}", "topk", TOPK_SAMPLES))
+    """(label, fisher, samples) for the estimators this task supports; k = backward passes."""
+    out = [
+        ("sampled, k=1 (paper)", "sampled", 1),
+        ("sampled, k=4", "sampled", 4),
+        ("topk, k=1 (default)", "topk", 1),
+        ("topk, k=4", "topk", 4),
+    ]
+    if bench.name != "regression":  # H = I: topk's signed coordinates are already the ideal draw
+        out.append(("importance, k=1", "importance", 1))
     if bench.name in ("digits", "regression"):
         out.append(("exact", "exact", 1))
-    if bench.name == "lm":  # top-m of a vocabulary needs more than 3 to cover a peaked softmax's mass
-        out += [("sampled, k=16", "sampled", 16), ("topk, k=16", "topk", 16)]
     return out
 
 
@@ -122,37 +142,45 @@ def table_spread(run: Run, seeds: int, log: Callable[[str], None]) -> list[str]:
         rel = lambda v: _sd(v) / statistics.mean(v)  # noqa: E731
         rows.append(f"| {label} | {rel(lam):.3f} | {rel(damp):.3f} | {_stats(ldss)} | {statistics.mean(secs):.2f} |")
         log(rows[-1])
+    if kronfluence_available() and run.y is not None:
+        for key, label in (("default", "kronfluence EK-FAC, its default damping 1e-8"),
+                           ("heuristic", "kronfluence EK-FAC, its 0.1 x mean Lambda heuristic")):  # fmt: skip
+            runs = [run.kronfluence(seed) for seed in range(seeds)]
+            ldss = [run.lds(v[key]) for v, _ in runs]
+            rows.append(f"| {label} | - | - | {_stats(ldss)} | {statistics.mean(t for _, t in runs):.2f} |")
+            log(rows[-1])
     return rows
 
 
 def table_accuracy(run: Run, seeds: int, damping: float, steps: list[int], log: Callable[[str], None]) -> list[str]:
     b = run.bench
     rows = ["| method | LDS (mean ± sd) | top-10 overlap with dense | s |", "|---|---|---|---|"]
-    t = time.perf_counter()
-    dense = run_method(b, "exact", damping).values
-    t_dense = time.perf_counter() - t
-    rows.append(f"| dense exact damped GN | {run.lds(dense):.3f} | 1.000 | {t_dense:.1f} |")
-    log(rows[-1])
+    dense = None
+    if b.name != "lm":  # the dense GN of the LM's tracked layers is too large to form
+        t = time.perf_counter()
+        dense = run_method(b, "exact", damping).values
+        t_dense = time.perf_counter() - t
+        rows.append(f"| dense exact damped GN | {run.lds(dense):.3f} | 1.000 | {t_dense:.1f} |")
+        log(rows[-1])
+    overlap = (lambda v: [_overlap(v, dense)]) if dense is not None else (lambda v: [])
     methods: list[tuple[str, str, int, int]] = [(lbl, f, k, 0) for lbl, f, k in estimators(b)]
-    methods += [(f"sampled k=1 + refine {n} (full)", "sampled", 1, n) for n in steps]
+    methods += [(f"topk k=1 + refine {n} (full)", "topk", 1, n) for n in steps]
     for label, fisher, samples, n in methods:
         ldss, over, secs = [], [], []
         for seed in range(1 if fisher == "exact" else seeds):
             an, t_fit = run.fit(fisher, samples, seed)
             values, t_score = run.score(an, damping, refine_steps=n)
             ldss.append(run.lds(values))
-            over.append(_overlap(values, dense))
+            over += overlap(values)
             secs.append(t_fit + t_score)
         rows.append(f"| {label} | {_stats(ldss)} | {_stats(over)} | {statistics.mean(secs):.2f} |")
         log(rows[-1])
     if kronfluence_available():
-        ldss, over, secs = [], [], []
-        for seed in range(seeds):
-            r = run_method(b, "kronfluence", damping, seed)
-            ldss.append(run.lds(r.values))
-            over.append(_overlap(r.values, dense))
-            secs.append(r.seconds)
-        rows.append(f"| kronfluence EK-FAC | {_stats(ldss)} | {_stats(over)} | {statistics.mean(secs):.2f} |")
+        runs = [run.kronfluence(seed) for seed in range(seeds)]
+        ldss = [run.lds(v["table2"]) for v, _ in runs]
+        over = [o for v, _ in runs for o in overlap(v["table2"])]
+        secs = statistics.mean(t for _, t in runs)
+        rows.append(f"| kronfluence EK-FAC | {_stats(ldss)} | {_stats(over)} | {secs:.2f} |")
         log(rows[-1])
     return rows
 
@@ -162,7 +190,7 @@ def table_damping(run: Run, seeds: int, scales: list[float], log: Callable[[str]
     rules = {"mean": lambda lam: float(lam.mean()), "median": lambda lam: float(lam.median())}
     ldss: dict[tuple[str, float], list[float]] = {(r, s): [] for r in rules for s in scales}
     for seed in range(seeds):
-        an, _ = run.fit("sampled", 1, seed)
+        an, _ = run.fit("topk", 1, seed)
         default = an.damping
         for rule, stat in rules.items():
             for s in scales:
@@ -180,13 +208,15 @@ def table_damping(run: Run, seeds: int, scales: list[float], log: Callable[[str]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="digits,regression")
+    p.add_argument("--tasks", default="digits,regression,lm")
     p.add_argument("--seeds", type=int, default=5, help="fit seeds per sampled method")
     p.add_argument("--subsets", type=int, default=50, help="LDS subsets")
     p.add_argument("--retrain-seeds", type=int, default=1)
     p.add_argument("--refine", default="1,3,10", help="refinement step counts")
     p.add_argument("--scales", default="0.01,0.03,0.1,0.3,1", help="damping scales for table 3")
-    p.add_argument("--lm-small", action="store_true", help="the small demo model for the 'lm' task")
+    p.add_argument("--lm-subsets", type=int, default=32, help="LDS subsets on the LM (retraining is costly)")
+    p.add_argument("--lm-retrain-seeds", type=int, default=2)
+    p.add_argument("--lm-queries", type=int, default=30, help="first K demo queries (as benchmarks/accuracy.py)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/fisher")
     p.add_argument("--out", default="benchmarks/results/fisher.md")
@@ -201,32 +231,22 @@ def main(argv: list[str] | None = None) -> None:
 
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         t0 = time.perf_counter()
-        if task == "lm":  # seed spread of the estimators only: LDS needs LM retraining, see accuracy.py
-            bench = load_benchmark("lm", cfg=LMConfig(small=args.lm_small))
-            run = Run(bench, 0, 0, Path(args.cache))
-            head = (
-                f"### lm ({'small' if args.lm_small else 'full'} demo GPT-2)\n\n{len(bench.train)} training "
-                f"documents; {args.seeds} fit seeds; seed spread only (no LDS), default damping."
-            )
-            log(head)
-            out += [
-                head,
-                "",
-                *table_spread(run, args.seeds, log),
-                "",
-                f"Task wall time {time.perf_counter() - t0:.0f} s.",
-                "",
-            ]
-            continue
-        bench = load_benchmark(task)
-        run = Run(bench, args.subsets, args.retrain_seeds, Path(args.cache))
-        exact, _ = run.fit("exact", 1, 0)
-        damping = 0.1 * _mean_lambda(exact)
+        lm = task == "lm"
+        if lm:
+            bench = load_benchmark("lm", cfg=LMConfig(n_queries=args.lm_queries))
+            subsets, retrain_seeds = args.lm_subsets, args.lm_retrain_seeds
+        else:
+            bench = load_benchmark(task)
+            subsets, retrain_seeds = args.subsets, args.retrain_seeds
+        run = Run(bench, subsets, retrain_seeds, Path(args.cache))
+        reference, _ = run.fit("topk", 4, 0) if lm else run.fit("exact", 1, 0)
+        run.damping = damping = 0.1 * _mean_lambda(reference)
         head = (
             f"### {task}\n\n{len(bench.train)} training examples, {len(bench.queries)} queries; LDS over "
-            f"{args.subsets} subsets x {args.retrain_seeds} retraining seed(s) "
+            f"{subsets} subsets x {retrain_seeds} retraining seed(s) "
             f"(retraining {run.retrain_seconds:.0f} s); "
-            f"{args.seeds} fit seeds per sampled method; lambda for table 2 = {damping:.4g}."
+            f"{args.seeds} fit seeds per sampled method; lambda for table 2 = {damping:.4g}"
+            + (" (0.1 x mean Lambda of a 4-pass topk fit: the LM has no exact Fisher)." if lm else ".")
         )
         log(head)
         sections = [
@@ -237,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         ]
         sections += table_spread(run, args.seeds, log)
         sections += ["", f"Accuracy at one absolute damping lambda = {damping:.4g}:", ""]
-        steps = [int(s) for s in args.refine.split(",") if s]
+        steps = [] if lm else [int(s) for s in args.refine.split(",") if s]
         sections += table_accuracy(run, args.seeds, damping, steps, log)
-        sections += ["", "LDS against the damping scale (sampled k=1 fit; mean ± sd over fit seeds):", ""]
+        sections += ["", "LDS against the damping scale (default topk k=1 fit; mean ± sd over fit seeds):", ""]
         sections += table_damping(run, args.seeds, [float(s) for s in args.scales.split(",")], log)
         sections += ["", f"Task wall time {time.perf_counter() - t0:.0f} s.", ""]
         out += sections

@@ -544,6 +544,7 @@ class Attributor:
         rank, world = rank_world()
 
         def after(b: int, lo: int) -> None:
+            acc.finish_batch(lo)
             pending.append((b, lo))
             if run is not None and self.checkpoint_every and len(pending) >= self.checkpoint_every:
                 flush()

@@ -24,7 +24,7 @@ import torch
 from .capture import LayerCapture
 from .curvature import EigenCurvature, LayerCurvature, lapack_threads, per_example_grads, rotated_grads
 from .distributed import all_reduce_, all_reduce_max
-from .errors import check_finite
+from .errors import NonFiniteError, check_finite
 
 __all__ = ["Scores", "TopK", "QueryGradients", "ScoreAccumulator", "SelfInfluenceAccumulator"]
 
@@ -165,21 +165,44 @@ class ScoreAccumulator:
         self.per_layer = per_layer
         self.per_token = per_token
         self.batches: dict[int, dict[str, torch.Tensor]] = {}  # start -> {"values", "layer::<name>", "tokens"}
+        self._finite: list[tuple[str, torch.Tensor]] = []  # (layer, all-finite flag) of the current batch
 
     def _add(self, start: int, key: str, value: torch.Tensor) -> None:
         entry = self.batches.setdefault(start, {})
         entry[key] = value if key not in entry else entry[key] + value
 
     def update(self, c: LayerCapture, start: int) -> None:
+        """Add one layer's scores for the batch at ``start``; they stay on the model's device."""
         sc, tok = self.queries[c.name].scores(c, self.per_token)
-        check_finite(sc, c.name, "scores")
-        sc = sc.to("cpu", self.dtype)
+        self._finite.append((c.name, torch.isfinite(sc).all()))  # checked in finish_batch, no sync here
+        sc = sc.to(self.dtype)
         self._add(start, "values", sc)
         if self.per_layer:
             self._add(start, f"layer::{c.name}", sc)
         if tok is not None:
             # a module called k times per forward: fold its k*S tokens back onto the sequence
-            self._add(start, "tokens", tok.reshape(*tok.shape[:2], c.calls, -1).sum(2).to("cpu", self.dtype))
+            self._add(start, "tokens", tok.reshape(*tok.shape[:2], c.calls, -1).sum(2).to(self.dtype))
+
+    def finish_batch(self, start: int) -> None:
+        """Move the batch's sums to the CPU in one transfer (one device sync per batch, not per layer)."""
+        entry = self.batches.get(start)
+        if not entry:
+            return
+        if self._finite:
+            ok = torch.stack([f for _, f in self._finite]).cpu()
+            names = [n for n, _ in self._finite]
+            self._finite.clear()
+            for name, good in zip(names, ok.tolist()):
+                if not good:
+                    raise NonFiniteError(
+                        f"scores of layer {name!r} have non-finite values; the model may overflow in this "
+                        "dtype (try float32), or its weights or inputs contain NaN/inf"
+                    )
+        keys = [k for k in entry if k != "tokens"]
+        moved = torch.stack([entry[k] for k in keys]).cpu()
+        entry.update(zip(keys, moved.unbind(0)))
+        if "tokens" in entry:
+            entry["tokens"] = entry["tokens"].cpu()
 
     def block(self, starts: list[int]) -> dict[str, torch.Tensor]:
         """The finished batches ``starts`` as flat tensors, for a checkpoint file."""

@@ -155,8 +155,8 @@ def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.
     return [-(log_probs.gather(-1, labels[:, j : j + 1]).squeeze(-1) * w[:, j]).sum() for j in range(labels.shape[1])]
 
 
-def _topk_tail(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and signed weights [M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
+def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and signed weights [k, M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
 
     With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T``. For a peaked p almost all of that mass is
     in a few classes, and plain sampling spends its draws re-drawing them while the rare draw
@@ -173,19 +173,24 @@ def _topk_tail(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tens
     per token and slot restores E[cross terms] = 0, so both the covariances and EK-FAC's
     Lambda stay unbiased; what is left of the cross terms is zero-mean noise that averages over
     tokens, instead of the all-or-nothing draw of a rare label.
+
+    ``p``: probabilities [M, C], overwritten (the tail's CDF is built in place: on a
+    vocabulary-sized p a copy costs as much as the rest); k = ``samples`` independent draws.
     """
-    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     c = p.shape[-1]
     m = min(top, c)
     top_p, top_i = p.topk(m, dim=-1)  # [M, m]
-    labels, weights = [top_i], [top_p.sqrt()]
+    labels = top_i.expand(samples, *top_i.shape)
+    weights = top_p.sqrt().expand(samples, *top_p.shape)
     if m < c:
-        tail = p.scatter(-1, top_i, 0.0)
-        labels.append(_inverse_cdf(tail, 1))
-        weights.append(tail.sum(-1, keepdim=True).sqrt())
-    w = torch.cat(weights, dim=-1)
-    signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype) * 2 - 1
-    return torch.cat(labels, dim=-1), w * signs
+        cdf = torch.cumsum(p.scatter_(-1, top_i, 0.0), dim=-1, out=p)  # the tail's CDF
+        mass = cdf[:, -1:]
+        u = torch.rand(samples, *mass.shape, device=p.device, dtype=p.dtype) * mass  # [k, M, 1]
+        drawn = torch.searchsorted(cdf.expand(samples, *cdf.shape), u).clamp_(max=c - 1)
+        labels = torch.cat([labels, drawn], dim=-1)
+        weights = torch.cat([weights, mass.sqrt().expand(samples, *mass.shape)], dim=-1)
+    signs = torch.randint(0, 2, weights.shape, device=p.device).to(p.dtype) * 2 - 1
+    return labels, weights * signs
 
 
 def _topk_losses(logits: torch.Tensor, samples: int, top: int) -> list[torch.Tensor]:
@@ -200,15 +205,12 @@ def _topk_losses(logits: torch.Tensor, samples: int, top: int) -> list[torch.Ten
             "check the weights and inputs, or run in float32"
         )
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    out = []
-    for _ in range(samples):
-        with torch.no_grad():
-            labels, weights = _topk_tail(logits, top)
-        out.append(-(log_probs.gather(-1, labels) * weights).sum() * samples**-0.5)
-    return out
+    with torch.no_grad():
+        labels, weights = _topk_tail(log_probs.detach().exp(), top, samples)  # [k, M, J]
+    return [-(log_probs.gather(-1, y) * w).sum() * samples**-0.5 for y, w in zip(labels, weights)]
 
 
-def _importance_labels(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _importance_labels(p: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and signed weights [M, k] drawn in proportion to each label's share of tr(H).
 
     With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T`` and ``tr H = sum_c p_c |v_c|^2 = 1 - |p|^2``.
@@ -220,8 +222,8 @@ def _importance_labels(logits: torch.Tensor, samples: int) -> tuple[torch.Tensor
 
     The weighted v has a nonzero mean, so a random sign per token and draw restores
     E[cross-token terms] = 0 for multi-token sequences (as a plain draw has by itself).
+    ``p``: probabilities [M, C].
     """
-    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     p2 = p.pow(2).sum(-1, keepdim=True)  # |p|^2
     trace = (1 - p2).clamp_min(0)
     share = p * (1 - 2 * p + p2)  # p_c |v_c|^2 >= 0 up to rounding
@@ -241,7 +243,7 @@ def _importance_losses(logits: torch.Tensor, samples: int) -> list[torch.Tensor]
         )
     log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     with torch.no_grad():
-        labels, weights = _importance_labels(logits, samples)
+        labels, weights = _importance_labels(log_probs.detach().exp(), samples)
     return _label_losses(log_probs, labels, weights)
 
 
