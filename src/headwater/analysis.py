@@ -342,6 +342,33 @@ def concentration(a: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.divide(l2, l1, out=np.zeros_like(l1), where=l1 > 0)
 
 
+def _token_row(index: int, score: float, a: np.ndarray, threshold: float) -> dict:
+    """One examined sequence: its concentration ratio, flag and dominant token (a: token influences)."""
+    a = np.abs(np.asarray(a, dtype=np.float64))
+    ratio = float(concentration(a)) if a.size else 0.0
+    l1 = float(a.sum())
+    return {
+        "index": int(index),
+        "score": float(score),
+        "ratio": ratio,
+        "flagged": ratio > threshold,
+        "top_token": int(a.argmax()) if a.size else None,
+        "top_token_share": float(a.max() / l1) if l1 > 0 else None,
+    }
+
+
+def _token_summary(per_query: list[list[dict]], threshold: float) -> dict:
+    flagged = sum(r["flagged"] for rows in per_query for r in rows)
+    examined = sum(len(rows) for rows in per_query)
+    return {
+        "per_query": per_query,
+        "n_flagged": flagged,
+        "n_examined": examined,
+        "flagged_share": flagged / examined if examined else None,
+        "threshold": threshold,
+    }
+
+
 def token_structure(
     per_token: torch.Tensor,
     values: torch.Tensor | None = None,
@@ -366,35 +393,15 @@ def token_structure(
         total = total.masked_fill(~candidate_mask.cpu().bool(), -math.inf)
     k = min(int(top_k), total.shape[1])
     top_v, top_i = torch.topk(total, k, dim=1)
-    ratio = concentration(pt)  # [Q, N]
-    out, flagged, examined = [], 0, 0
-    for q in range(pt.shape[0]):
-        rows = []
-        for v, i in zip(top_v[q].tolist(), top_i[q].tolist(), strict=True):
-            if not math.isfinite(v):
-                continue  # fewer candidates than k
-            a = pt[q, i].abs()
-            l1 = float(a.sum())
-            rows.append(
-                {
-                    "index": i,
-                    "score": v,
-                    "ratio": float(ratio[q, i]),
-                    "flagged": bool(ratio[q, i] > threshold),
-                    "top_token": int(a.argmax()),
-                    "top_token_share": float(a.max() / l1) if l1 > 0 else None,
-                }
-            )
-        flagged += sum(r["flagged"] for r in rows)
-        examined += len(rows)
-        out.append(rows)
-    return {
-        "per_query": out,
-        "n_flagged": flagged,
-        "n_examined": examined,
-        "flagged_share": flagged / examined if examined else None,
-        "threshold": threshold,
-    }
+    out = [
+        [
+            _token_row(i, v, pt[q, i].numpy(), threshold)
+            for v, i in zip(top_v[q].tolist(), top_i[q].tolist(), strict=True)
+            if math.isfinite(v)  # fewer candidates than k
+        ]
+        for q in range(pt.shape[0])
+    ]
+    return _token_summary(out, threshold)
 
 
 def output_token_influence(
@@ -555,36 +562,13 @@ def _token_structure_from_rows(rows: list[dict], top_k: int, threshold: float = 
     Rows are ``{"top": [{"index", "score", "token_scores"}, ...]}``; positions are those of the
     shown tokens.
     """
-    out, flagged, examined = [], 0, 0
+    out = []
     for row in rows:
         top = row.get("top")
         if not isinstance(top, list) or not all(isinstance(e, dict) and "token_scores" in e for e in top):
             return None
-        entries = []
-        for e in top[:top_k]:
-            a = np.abs(np.asarray(e["token_scores"], dtype=np.float64))
-            ratio = float(concentration(a)) if a.size else 0.0
-            l1 = float(a.sum())
-            entries.append(
-                {
-                    "index": int(e["index"]),
-                    "score": float(e["score"]),
-                    "ratio": ratio,
-                    "flagged": ratio > threshold,
-                    "top_token": int(a.argmax()) if a.size else None,
-                    "top_token_share": float(a.max() / l1) if l1 > 0 else None,
-                }
-            )
-        flagged += sum(x["flagged"] for x in entries)
-        examined += len(entries)
-        out.append(entries)
-    return {
-        "per_query": out,
-        "n_flagged": flagged,
-        "n_examined": examined,
-        "flagged_share": flagged / examined if examined else None,
-        "threshold": threshold,
-    }
+        out.append([_token_row(e["index"], e["score"], e["token_scores"], threshold) for e in top[:top_k]])
+    return _token_summary(out, threshold)
 
 
 def _summary(res: dict) -> str:
