@@ -178,6 +178,34 @@ def test_identity_strategy_with_low_rank_queries(files: dict[str, Path], tmp_pat
     assert json.loads(invoke("inspect", wd, "--json").stdout)["fitted"] is True
 
 
+def test_fisher_options_are_recorded_and_reused_by_score(files: dict[str, Path], tmp_path: Path) -> None:
+    """--fisher/--samples/--top reach the engine at fit time, and score reopens the same workdir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wd = tmp_path / "wd"
+    fit = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--fisher", "topk",
+                 "--samples", 2, "--top", 3, "--max-length", 40, "--quiet")  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    settings = json.loads((wd / "cli.json").read_text())
+    assert (settings["fisher"], settings["samples"], settings["top"]) == ("topk", 2, 3)
+    config = json.loads((wd / "config.json").read_text())
+    assert (config["fisher"], config["samples"], config["top"]) == ("topk", 2, 3)
+    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 2, "--quiet")
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(files["model_a"], local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
+    an = hw.Attributor(model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), modules="mlp",
+                       fisher="topk", samples=2, top=3)  # fmt: skip
+    an.fit(read_documents(files["train"]), batch_size=8)
+    queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in read_queries(files["queries"])]
+    ref = an.scores(queries, read_documents(files["train"]), batch_size=8)
+    values = load_tensors(wd / "scores.safetensors")[0]["values"]
+    torch.testing.assert_close(values, ref.values, rtol=1e-4, atol=1e-6 * ref.values.abs().max().item())
+    other = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--fisher",
+                   "sampled", "--max-length", 40, "--quiet")  # fmt: skip
+    assert other.exit_code == 2 and "fisher" in other.output
+
+
 def test_report_regenerates_from_saved_files(scored: dict, tmp_path: Path) -> None:
     wd = scored["wd"]
     strip = lambda s: re.sub(r"generated [^.]*UTC", "", s)  # noqa: E731
