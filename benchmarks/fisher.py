@@ -14,8 +14,9 @@ Per benchmark (``headwater.evaluate.trainers``) and for each of ``--seeds`` fit 
 - Table 2, every method at one absolute damping lambda (0.1 x the mean eigenvalue of the exact
   Gauss-Newton, from the exact-Fisher EK-FAC; on the LM, which has no exact Fisher, from a
   4-pass topk fit): LDS and top-10 overlap with the dense exact damped Gauss-Newton influence
-  (MLPs), for the estimators above, refinement (``refine_steps``) from the default EK-FAC, the
-  dense solve itself, and kronfluence's EK-FAC.
+  (MLPs), for the estimators above, refinement (``refine_steps``; the full matrix, or per layer
+  toward its block diagonal) from the default EK-FAC, the dense solve itself, and kronfluence's
+  EK-FAC.
 - Table 3, LDS against the damping scale for the mean rule and the median rule (default fit).
 
 LDS: ``--subsets`` random half subsets retrained under ``--retrain-seeds`` seeds (LM:
@@ -142,6 +143,16 @@ def table_spread(run: Run, seeds: int, log: Callable[[str], None]) -> list[str]:
         rel = lambda v: _sd(v) / statistics.mean(v)  # noqa: E731
         rows.append(f"| {label} | {rel(lam):.3f} | {rel(damp):.3f} | {_stats(ldss)} | {statistics.mean(secs):.2f} |")
         log(rows[-1])
+    if run.y is not None:  # the default estimator at kronfluence's default damping, to separate the two
+        ldss, secs = [], []
+        for seed in range(seeds):
+            an, t_fit = run.fit("topk", 1, seed)
+            values, t_score = run.score(an, KRONFLUENCE_DEFAULT)
+            ldss.append(run.lds(values))
+            secs.append(t_fit + t_score)
+        label = "topk, k=1 (default) at damping 1e-8 (kronfluence's default)"
+        rows.append(f"| {label} | - | - | {_stats(ldss)} | {statistics.mean(secs):.2f} |")
+        log(rows[-1])
     if kronfluence_available() and run.y is not None:
         for key, label in (("default", "kronfluence EK-FAC, its default damping 1e-8"),
                            ("heuristic", "kronfluence EK-FAC, its 0.1 x mean Lambda heuristic")):  # fmt: skip
@@ -163,13 +174,14 @@ def table_accuracy(run: Run, seeds: int, damping: float, steps: list[int], log: 
         rows.append(f"| dense exact damped GN | {run.lds(dense):.3f} | 1.000 | {t_dense:.1f} |")
         log(rows[-1])
     overlap = (lambda v: [_overlap(v, dense)]) if dense is not None else (lambda v: [])
-    methods: list[tuple[str, str, int, int]] = [(lbl, f, k, 0) for lbl, f, k in estimators(b)]
-    methods += [(f"topk k=1 + refine {n} (full)", "topk", 1, n) for n in steps]
-    for label, fisher, samples, n in methods:
+    methods: list[tuple[str, str, int, int, str]] = [(lbl, f, k, 0, "full") for lbl, f, k in estimators(b)]
+    methods += [(f"topk k=1 + refine {n} ({blocks})", "topk", 1, n, blocks)
+                for blocks in ("full", "layer") for n in steps]  # fmt: skip
+    for label, fisher, samples, n, blocks in methods:
         ldss, over, secs = [], [], []
         for seed in range(1 if fisher == "exact" else seeds):
             an, t_fit = run.fit(fisher, samples, seed)
-            values, t_score = run.score(an, damping, refine_steps=n)
+            values, t_score = run.score(an, damping, refine_steps=n, refine_blocks=blocks)
             ldss.append(run.lds(values))
             over += overlap(values)
             secs.append(t_fit + t_score)
