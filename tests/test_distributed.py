@@ -1,4 +1,4 @@
-"""Two gloo processes on CPU give the single-process factors and scores.
+"""Two gloo processes on CPU give the single-process factors and scores (plain, DDP, FSDP2).
 
 Processes are started with torch.multiprocessing and the same environment variables torchrun
 sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), then ``init_process_group("gloo")``.
@@ -28,10 +28,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _results(model, workdir, out: Path | None, wrap_ddp: bool = False) -> dict[str, torch.Tensor]:
-    train, queries = lm_data(13), lm_queries(3)
-    if wrap_ddp:
+def _fully_shard(model):
+    """FSDP2: each transformer block and the root shard their parameters over the two ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _results(model, workdir, out: Path | None, wrap: str | None = None) -> dict[str, torch.Tensor]:
+    train, queries = lm_data(13), lm_queries(3)  # 7 batches of 2: the ranks get 4 and 3
+    if wrap == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
+    elif wrap == "fsdp":
+        model = _fully_shard(model)
     an = hw.Attributor(model, modules="mlp", workdir=workdir, checkpoint_every=1).fit(train, batch_size=2)
     res = an.scores(queries, train, batch_size=2, per_layer=True, per_token=True)
     tensors = {f"lam::{n.removeprefix('module.')}": op.lam for n, op in an.curvature.items()}
@@ -50,7 +63,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     try:
         out = Path(tmp) / f"rank{rank}.safetensors"
         _results(tiny_gpt2(), Path(tmp) / "work", out)
-        _results(tiny_gpt2(), None, Path(tmp) / f"ddp{rank}.safetensors", wrap_ddp=True)
+        _results(tiny_gpt2(), None, Path(tmp) / f"ddp{rank}.safetensors", wrap="ddp")
+        _results(tiny_gpt2(), Path(tmp) / "fsdp", Path(tmp) / f"fsdp{rank}.safetensors", wrap="fsdp")
         dist.barrier()  # gloo aborts if one rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
@@ -59,7 +73,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 def test_two_gloo_processes_match_one_process(tmp_path):
     expected = _results(tiny_gpt2(), None, None)
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    for name in ("rank0", "rank1", "ddp0", "ddp1"):
+    for name in ("rank0", "rank1", "ddp0", "ddp1", "fsdp0", "fsdp1"):
         got, _ = load_tensors(tmp_path / f"{name}.safetensors")
         assert got.keys() == expected.keys(), name
         for k in expected:

@@ -41,7 +41,7 @@ from .curvature import (
     per_example_grads,
 )
 from .data import check_batch_size, check_data, fingerprint, iter_batches
-from .distributed import all_reduce_, barrier, broadcast_, is_main, rank_world
+from .distributed import all_reduce_, all_reduce_max, barrier, broadcast_, is_main, rank_world
 from .errors import NotFittedError
 from .layers import select_layers
 from .refine import check_refine, refine
@@ -252,10 +252,16 @@ class Attributor:
         rank, world = rank_world() if shard else (0, 1)
         n_batches = (len(data) + batch_size - 1) // batch_size
         mine = [b for b in range(n_batches) if b % world == rank and not (skip and skip(b))]
-        batches = _progress(iter_batches(data, self.task, batch_size, name, mine), self.progress, phase, len(mine))
+        # A sharded (FSDP) model gathers its parameters collectively in every forward and
+        # backward, so each rank must run as many passes as the busiest one: the others repeat
+        # a batch whose captures are thrown away.
+        fillers = all_reduce_max(len(mine)) - len(mine) if world > 1 and _is_sharded(self.model) else 0
+        plan = mine + [mine[-1] if mine else 0] * fillers
+        batches = _progress(iter_batches(data, self.task, batch_size, name, plan), self.progress, phase, len(plan))
         with self._eval_mode(), _no_sync(self.model), Capture(self.model, self.layers) as cap:
-            for lo, batch in batches:
+            for step, (lo, batch) in enumerate(batches):
                 b = lo // batch_size
+                filler = step >= len(mine)
                 batch = self.task.to_device(batch, device)
                 mask = self.task.token_mask(batch)
                 if mask is not None:
@@ -274,9 +280,10 @@ class Attributor:
                         raise
                 for k, loss in enumerate(ls):
                     for c in cap.backward(loss, mask, retain_graph=k < len(ls) - 1):
-                        with torch.autocast(device.type, enabled=False):
-                            consume(c, lo, k == 0)
-                if after_batch is not None:
+                        if not filler:
+                            with torch.autocast(device.type, enabled=False):
+                                consume(c, lo, k == 0)
+                if after_batch is not None and not filler:
                     after_batch(b, lo)
 
     def _fit_losses(self, batch: Any) -> list[torch.Tensor]:
@@ -447,6 +454,11 @@ class Attributor:
         ):
             raise ValueError(f"query_rank must be None or a positive integer, got {query_rank!r}")
         refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks)
+        if refine_steps and _is_sharded(self.model):
+            raise ValueError(
+                "refine_steps needs the model's plain parameters for its exact Gauss-Newton products, "
+                "but this model is sharded (FSDP); refine on an unsharded copy, or use refine_steps=0"
+            )
         if refine_steps and refine_data is None:
             raise ValueError(f"refine_steps={refine_steps} needs refine_data, the data G is taken over (the fit data)")
         curvature = self._require_fitted()
@@ -501,6 +513,11 @@ class Attributor:
         steps toward the exact damped Gauss-Newton over ``train`` (see ``query_gradients``).
         """
         refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks)
+        if refine_steps and _is_sharded(self.model):
+            raise ValueError(
+                "refine_steps needs the model's plain parameters for its exact Gauss-Newton products, "
+                "but this model is sharded (FSDP); refine on an unsharded copy, or use refine_steps=0"
+            )
         if candidates is not None and refine_steps:
             raise ValueError("refine_steps needs the whole training set for G; it cannot be combined with candidates=")
         if candidates is not None:
@@ -603,6 +620,15 @@ class Attributor:
         from .index import query_index
 
         return query_index(self, queries, top_k=top_k, **kwargs)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether parameters are sharded across ranks (FSDP2's ``fully_shard`` or FSDP1)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
 
 
 @contextlib.contextmanager

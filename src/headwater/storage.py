@@ -107,7 +107,10 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}".encode())
-        flat = p.detach().reshape(-1)
+        p = p.detach()
+        if hasattr(p, "full_tensor"):  # an FSDP2 / DTensor shard: every rank hashes the whole parameter
+            p = p.full_tensor()
+        flat = p.reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step][:4096].to("cpu", torch.bfloat16).float()
         h.update(sample.numpy().tobytes())
