@@ -51,6 +51,12 @@ def _results(model, workdir, out: Path | None, wrap: str | None = None) -> dict[
     tensors.update({f"q_a::{n.removeprefix('module.')}": op.q_a.abs() for n, op in an.curvature.items()})
     tensors.update({k.replace("module.", ""): v for k, v in res.tensors().items()})
     tensors["self"] = an.self_influence(train, batch_size=3)
+    if wrap == "fsdp":
+        try:
+            an.scores(queries, train, batch_size=2, refine_steps=1)
+            raise AssertionError("refine_steps on a sharded model should be refused")
+        except ValueError as e:
+            assert "sharded (FSDP)" in str(e)
     if out is not None:
         save_tensors(out, tensors)
     return tensors
