@@ -182,6 +182,17 @@ def test_bad_samples_raise_clear_errors():
         hw.Attributor(model, task=hw.ClassificationTask(), top=0)
     with pytest.raises(NotImplementedError, match="fisher='topk' needs _Custom.topk_losses"):
         hw.Attributor(model, task=_Custom(), fisher="topk").fit(regression_data(4))
+    with pytest.raises(NotImplementedError, match="fisher='importance' needs _Custom.importance_losses"):
+        hw.Attributor(model, task=_Custom(), fisher="importance").fit(regression_data(4))
+
+
+@pytest.mark.parametrize("fisher", ["topk", "importance"])
+def test_non_finite_outputs_stop_the_label_draw_with_a_clear_error(fisher):
+    model = MLP().double()
+    with torch.no_grad():
+        model.fc2.bias[0] = float("nan")
+    with pytest.raises(hw.NonFiniteError, match="outputs contain NaN or inf, so no Fisher can be estimated"):
+        hw.Attributor(model, task=hw.ClassificationTask(), fisher=fisher).fit(classification_data(4))
 
 
 class _Custom(Task):
