@@ -223,6 +223,7 @@ def test_inspect_reports_spectra_from_the_factors(scored: dict) -> None:
     info = json.loads(res.stdout)
     factors, _ = load_tensors(wd / "factors.safetensors")
     assert info["strategy"] == "ekfac" and info["fitted"] and info["data"]["n_train"] == 20
+    assert (info["fisher"], info["top"], info["samples"]) == ("topk", 8, 1)  # the default, resolved
     assert info["model"]["path"].endswith("model_a")
     assert [x["name"] for x in info["layers"]] == json.loads((wd / "cli.json").read_text())["layers"]
     for layer in info["layers"]:
@@ -234,6 +235,7 @@ def test_inspect_reports_spectra_from_the_factors(scored: dict) -> None:
     assert info["files"]["factors.safetensors"] == (wd / "factors.safetensors").stat().st_size
     table = invoke("inspect", wd)
     assert table.exit_code == 0 and "transformer.h.1.mlp.c_proj" in table.stdout and "eff.rank" in table.stdout
+    assert "fisher=topk (top 8)" in table.stdout
 
 
 def test_refit_on_same_inputs_is_a_no_op_and_other_data_needs_overwrite(files: dict[str, Path], scored: dict) -> None:

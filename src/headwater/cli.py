@@ -493,6 +493,8 @@ def inspect_workdir(workdir: str | Path) -> dict:
         "tokenizer": settings.get("tokenizer"),
         "strategy": config.get("strategy"),
         "fisher": config.get("fisher"),
+        "samples": config.get("samples", 1),
+        "top": config.get("top"),
         "seed": config.get("seed"),
         "max_length": settings.get("max_length"),
         "headwater": config.get("headwater"),
@@ -564,7 +566,10 @@ def _format_inspect(info: dict) -> str:
     if info.get("tokenizer") and info["tokenizer"] != m.get("path"):
         lines.append(f"tokenizer {info['tokenizer']}")
     lines.append(
-        f"strategy  {info['strategy']}  fisher={info['fisher']}  seed={info['seed']}  "
+        f"strategy  {info['strategy']}  fisher={info['fisher']}"
+        + (f" (top {info['top']})" if info.get("top") else "")
+        + (f"  samples={info['samples']}" if info.get("samples", 1) != 1 else "")
+        + f"  seed={info['seed']}  "
         f"max_length={info.get('max_length')}  headwater {info.get('headwater')}"
     )
     d = info["data"]
