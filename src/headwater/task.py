@@ -193,18 +193,23 @@ def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, t
     return labels, weights * signs
 
 
+def _checked_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in float32 or wider, after one cheap check that no output is NaN or inf."""
+    if not torch.isfinite(logits.sum()):
+        raise NonFiniteError(
+            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
+            "check the weights and inputs, or run in float32"
+        )
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
 def _topk_losses(logits: torch.Tensor, samples: int, top: int) -> list[torch.Tensor]:
     """``samples`` pseudo-losses of the signed top-m-plus-tail estimator, from logits [M, C].
 
     Each is ``-sum_t sum_j w_tj log p_t(y_tj)`` over every slot of ``_topk_tail`` (fresh signs
     and tail draws per pseudo-loss), scaled by 1/sqrt(samples) so their outer products average.
     """
-    if not torch.isfinite(logits.sum()):
-        raise NonFiniteError(
-            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
-            "check the weights and inputs, or run in float32"
-        )
-    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    log_probs = _checked_log_probs(logits)
     with torch.no_grad():
         labels, weights = _topk_tail(log_probs.detach().exp(), top, samples)  # [k, M, J]
     return [-(log_probs.gather(-1, y) * w).sum() * samples**-0.5 for y, w in zip(labels, weights)]
@@ -236,12 +241,7 @@ def _importance_labels(p: torch.Tensor, samples: int) -> tuple[torch.Tensor, tor
 
 def _importance_losses(logits: torch.Tensor, samples: int) -> list[torch.Tensor]:
     """``samples`` pseudo-losses of ``_importance_labels`` (one draw per token each)."""
-    if not torch.isfinite(logits.sum()):
-        raise NonFiniteError(
-            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
-            "check the weights and inputs, or run in float32"
-        )
-    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    log_probs = _checked_log_probs(logits)
     with torch.no_grad():
         labels, weights = _importance_labels(log_probs.detach().exp(), samples)
     return _label_losses(log_probs, labels, weights)
