@@ -155,6 +155,11 @@ def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.
     return [-(log_probs.gather(-1, labels[:, j : j + 1]).squeeze(-1) * w[:, j]).sum() for j in range(labels.shape[1])]
 
 
+def _rademacher(like: torch.Tensor) -> torch.Tensor:
+    """Independent +-1 signs shaped like ``like``, from torch's global RNG (seeded per batch)."""
+    return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+
+
 def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and signed weights [k, M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
 
@@ -189,8 +194,7 @@ def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, t
         drawn = torch.searchsorted(cdf.expand(samples, *cdf.shape), u).clamp_(max=c - 1)
         labels = torch.cat([labels, drawn], dim=-1)
         weights = torch.cat([weights, mass.sqrt().expand(samples, *mass.shape)], dim=-1)
-    signs = torch.randint(0, 2, weights.shape, device=p.device).to(p.dtype) * 2 - 1
-    return labels, weights * signs
+    return labels, weights * _rademacher(weights)
 
 
 def _checked_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -235,8 +239,7 @@ def _importance_labels(p: torch.Tensor, samples: int) -> tuple[torch.Tensor, tor
     labels = _inverse_cdf(share.clamp_min(0), samples)  # [M, k]
     v2 = (1 - 2 * p.gather(-1, labels) + p2).clamp_min(torch.finfo(p.dtype).tiny)  # |v_y|^2
     w = (trace / v2).sqrt() * samples**-0.5
-    signs = torch.randint(0, 2, w.shape, device=w.device).to(w.dtype) * 2 - 1
-    return labels, w * signs
+    return labels, w * _rademacher(w)
 
 
 def _importance_losses(logits: torch.Tensor, samples: int) -> list[torch.Tensor]:
@@ -481,9 +484,7 @@ class RegressionTask(Task):
         pred = _logits(model(inputs))
         out = []
         for _ in range(samples):
-            with torch.no_grad():
-                signs = torch.randint(0, 2, pred.shape, device=pred.device).to(pred.dtype) * 2 - 1
-            out.append((pred * signs).sum() * samples**-0.5)
+            out.append((pred * _rademacher(pred.detach())).sum() * samples**-0.5)
         return out
 
     def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
