@@ -174,3 +174,20 @@ def test_a_layer_tied_to_an_embedding_is_flagged():
         hw.Attributor(model, modules=None)
     with pytest.warns(UserWarning, match="lm_head"):
         hw.Attributor(model, modules=["lm_head"])
+
+
+def test_a_long_prompt_is_cut_from_the_left_so_the_completion_is_scored_whole():
+    from headwater.errors import ExampleError, TruncationWarning
+
+    task = hw.LanguageModelingTask(max_length=8)
+    ids = list(range(1, 13))  # 9 prompt tokens, 3 completion tokens
+    item = {"input_ids": ids, "labels": [-100] * 9 + ids[9:]}
+    with pytest.warns(TruncationWarning, match=r"queries: example 0: the prompt was truncated from the left by 4 of 9"):
+        batch = next(hw.data.iter_batches([item], task, 1, "queries"))[1]
+    assert batch["input_ids"][0].tolist() == ids[4:]  # the last 5 prompt tokens, then the completion
+    assert (batch["labels"][0] != -100).sum() == 3
+    text = {"input_ids": ids}  # a plain document keeps its first max_length tokens, silently
+    assert next(hw.data.iter_batches([text], task, 1, "train"))[1]["input_ids"][0].tolist() == ids[:8]
+    long = {"input_ids": ids, "labels": [-100] * 2 + ids[2:]}  # a 10-token completion cannot fit in 8
+    with pytest.raises(ExampleError, match=r"queries, examples 0..1: example 1: its scored tokens .* span 10 tokens"):
+        next(hw.data.iter_batches([item, long], task, 2, "queries"))

@@ -171,3 +171,15 @@ def test_attributor_candidates_argument_ranks_only_candidates():
     for q in range(len(queries)):
         picked = top.indices[q][torch.isfinite(top.values[q])]
         assert picked.numel() == 5 and via_api.mask[q, picked].all()
+
+
+def test_fewer_candidates_than_k_rank_only_scored_sequences() -> None:
+    from headwater.scoring import Scores
+
+    values = torch.tensor([[3.0, 0.0, -1.0, 0.0, 2.0], [0.0, 1.0, 0.0, -2.0, 5.0]])
+    mask = torch.tensor([[True, False, True, False, True], [False, True, False, True, True]])
+    sc = Scores(values, mask=mask)
+    top, bottom = sc.top(10), sc.bottom(10)
+    assert top.indices.tolist() == [[0, 4, 2], [4, 1, 3]]
+    assert bottom.indices.tolist() == [[2, 4, 0], [3, 1, 4]]
+    assert torch.isfinite(top.values).all() and torch.isfinite(bottom.values).all()

@@ -39,10 +39,12 @@ from .curvature import (
     LambdaAccumulator,
     LayerCurvature,
     per_example_grads,
+    resolve_damping,
+    warn_zero_curvature,
 )
 from .data import check_batch_size, check_data, fingerprint, iter_batches
 from .distributed import all_reduce_, all_reduce_max, barrier, broadcast_, is_main, rank_world
-from .errors import NotFittedError
+from .errors import ExampleError, NotFittedError
 from .layers import select_layers
 from .refine import check_refine, refine
 from .scoring import QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
@@ -267,9 +269,11 @@ class Attributor:
                 if mask is not None:
                     empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
                     if empty:
-                        raise ValueError(
-                            f"{name} example {lo + empty[0]} has no scored tokens (every label is "
-                            "-100 or it is a single token); remove it or unmask its completion"
+                        raise ExampleError(
+                            lo + empty[0],
+                            " has no scored tokens (every label is -100 or it is a single token); "
+                            "remove it or unmask its completion",
+                            f"{name} ",
                         )
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(_derive_seed(self.seed, phase, lo))
@@ -384,6 +388,7 @@ class Attributor:
                 lam = LambdaAccumulator(curvature, device)
                 self._fit_pass(lam, data, batch_size, "eigenvalue correction", fp, overwrite)
                 curvature = {n: lam.ekfac(n) for n in self.layers}
+        warn_zero_curvature(curvature)
         self.curvature = curvature
         self.fit_fingerprint = fp
         if self.workdir is not None and is_main():
@@ -419,13 +424,11 @@ class Attributor:
         return self.curvature
 
     def damping(self, damping: float | None = None) -> dict[str, float]:
-        """Per-layer damping: the paper's 0.1 x mean eigenvalue, or an absolute value."""
-        curvature = self._require_fitted()
-        if damping is None:
-            return {n: op.default_damping() for n, op in curvature.items()}
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-            raise ValueError(f"damping must be None or a non-negative number, got {damping!r}")
-        return {n: float(damping) for n in curvature}
+        """Per-layer damping: the paper's 0.1 x mean eigenvalue, or an absolute value.
+
+        See ``curvature.resolve_damping`` for the floor that keeps a zero-curvature layer finite.
+        """
+        return resolve_damping(self._require_fitted(), damping)
 
     def query_gradients(
         self,

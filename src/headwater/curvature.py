@@ -22,12 +22,14 @@ and float64 across batches.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 from .capture import LayerCapture
-from .errors import check_finite
+from .errors import ZeroCurvatureWarning, check_finite
+from .validation import check_number
 
 __all__ = [
     "DAMPING_SCALE",
@@ -39,6 +41,8 @@ __all__ = [
     "LambdaAccumulator",
     "DiagonalAccumulator",
     "per_example_grads",
+    "resolve_damping",
+    "warn_zero_curvature",
 ]
 
 # The paper's damping rule: lambda = 0.1 x mean eigenvalue of the layer's curvature.
@@ -100,6 +104,10 @@ class LayerCurvature:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
+    def eigenvalues(self) -> torch.Tensor:
+        """The operator's eigenvalues (any order; for checks such as a zero damping)."""
+        return torch.zeros(0, dtype=torch.float64)
+
     shape: tuple[int, int]
 
 
@@ -133,6 +141,9 @@ class DiagonalCurvature(LayerCurvature):
 
     def default_damping(self) -> float:
         return DAMPING_SCALE * self.diag.mean().item()
+
+    def eigenvalues(self) -> torch.Tensor:
+        return self.diag.flatten()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"diag": self.diag}
@@ -172,8 +183,63 @@ class EigenCurvature(LayerCurvature):
     def default_damping(self) -> float:
         return DAMPING_SCALE * self.lam.mean().item()
 
+    def eigenvalues(self) -> torch.Tensor:
+        return self.lam.flatten()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"q_a": self.q_a, "q_s": self.q_s, "lam": self.lam}
+
+
+def _zero_layers(curvature: dict[str, LayerCurvature]) -> list[str]:
+    """Layers whose paper damping is 0: every eigenvalue is 0 (identity layers excluded)."""
+    return [n for n, op in curvature.items() if op.kind != "identity" and not op.default_damping() > 0]
+
+
+def resolve_damping(curvature: dict[str, LayerCurvature], damping: float | None) -> dict[str, float]:
+    """Per-layer damping: None -> the paper's ``0.1 x mean eigenvalue``, else the absolute value.
+
+    A layer with zero curvature (its pseudo-gradients were all 0 on the fit data: a model that
+    is certain of its outputs there, or a fresh LoRA adapter with B = 0 upstream) would get
+    damping 0 and divide by zero. It gets the smallest damping of the other layers instead, or
+    1.0 when every layer is flat: its gradients then enter as plain dot products over that
+    damping, and ``fit`` has already warned about it. An explicit ``damping=0`` with a zero
+    eigenvalue is refused for the same reason.
+    """
+    damping = check_number(damping, "damping", allow_none=True, hint="pass None for the paper's rule")
+    if damping is None:
+        out = {n: op.default_damping() for n, op in curvature.items()}
+        zero = _zero_layers(curvature)
+        if zero:
+            positive = [out[n] for n in out if n not in zero and out[n] > 0]
+            floor = min(positive) if positive else 1.0
+            out.update({n: floor for n in zero})
+        return out
+    if damping == 0:
+        for n, op in curvature.items():
+            if op.kind != "identity" and bool((op.eigenvalues() <= 0).any()):
+                raise ValueError(
+                    f"damping=0 divides by zero: layer {n!r} has zero eigenvalues in its fitted curvature; "
+                    "pass a positive damping, or None for the paper's 0.1 x mean eigenvalue"
+                )
+    return {n: damping for n in curvature}
+
+
+def warn_zero_curvature(curvature: dict[str, LayerCurvature]) -> None:
+    """Say at fit time that a layer's curvature is zero, and what its damping falls back to."""
+    zero = _zero_layers(curvature)
+    if not zero:
+        return
+    floor = resolve_damping(curvature, None)[zero[0]]
+    shown = ", ".join(repr(n) for n in zero[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
+    warnings.warn(
+        f"{len(zero)} of {len(curvature)} layers have zero curvature on the fit data ({shown}): every "
+        "pseudo-gradient there is 0, because the model is certain of its outputs on that data or nothing "
+        "the layer outputs changes the loss (e.g. a fresh LoRA adapter with B = 0). The paper's damping "
+        f"would be 0; these layers use damping {floor:.3g} instead "
+        + ("(the smallest other layer's)" if floor != 1.0 or len(zero) < len(curvature) else "(every layer is flat)"),
+        ZeroCurvatureWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from .errors import ExampleError, TruncationWarning
 from .task import Task
 
 __all__ = ["check_data", "iter_batches", "fingerprint"]
@@ -48,10 +50,20 @@ def iter_batches(
     for b in range(0, (n + batch_size - 1) // batch_size) if batches is None else batches:
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         items = [data[i] for i in range(lo, hi)]
-        try:
-            batch = task.collate(items)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{name}, examples {lo}..{hi - 1}: {e}") from e
+        context = f"{name}, examples {lo}..{hi - 1}: "
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                batch = task.collate(items)
+            except ExampleError as e:  # the task counts within the batch; say where in the dataset
+                raise ExampleError(lo + e.index, e.detail, context) from e
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{context}{e}") from e
+        for w in caught:
+            if isinstance(w.message, TruncationWarning):
+                warnings.warn(TruncationWarning(lo + w.message.index, w.message.detail, f"{name}: "), stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         yield lo, batch
 
 

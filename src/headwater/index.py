@@ -79,6 +79,7 @@ from .curvature import (
     IdentityCurvature,
     LayerCurvature,
     per_example_grads,
+    resolve_damping,
     rotated_grads,
 )
 from .data import check_batch_size, check_data, fingerprint
@@ -324,6 +325,9 @@ class ProjectedDenseCurvature(LayerCurvature):
     def default_damping(self) -> float:
         return DAMPING_SCALE * self.eigvals.mean().item()
 
+    def eigenvalues(self) -> torch.Tensor:
+        return self.eigvals
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"eigvals": self.eigvals, "eigvecs": self.eigvecs}
 
@@ -436,9 +440,15 @@ def _projected_engine_curvature(op: LayerCurvature, p_out: torch.Tensor, p_in: t
             f"curvature='engine' projects the attributor's fitted curvature, but layer {name!r} has a "
             f"{type(op).__name__} (strategy='identity' has none); use curvature='ekfac' or 'dense'"
         )
-    w = torch.einsum("oi,bi,di->obd", lam, v, v)  # [O, k_in, k_in]
-    k_out, k_in = u.shape[0], v.shape[0]
-    g = torch.einsum("ao,co,obd->abcd", u, u, w).reshape(k_out * k_in, k_out * k_in)
+    k_out, k_in, o = u.shape[0], v.shape[0], u.shape[1]
+    # Two GEMMs in an explicit order (no einsum path search), intermediates no larger than the
+    # inputs and the output: W = lam [O, I] x (V_bi V_di) [I, k_in^2], then
+    # (U_ao U_co) [k_out^2, O] x W [O, k_in^2] -> [a, c, b, d].
+    vv = (v.mT.unsqueeze(2) * v.mT.unsqueeze(1)).reshape(v.shape[1], k_in * k_in)  # [I, k_in^2]
+    w = lam @ vv  # [O, k_in^2]
+    uu = (u.unsqueeze(1) * u.unsqueeze(0)).reshape(k_out * k_out, o)  # [k_out^2, O]
+    g = (uu @ w).reshape(k_out, k_out, k_in, k_in).permute(0, 2, 1, 3)
+    g = g.reshape(k_out * k_in, k_out * k_in)
     e, q = torch.linalg.eigh(check_finite((g + g.mT) / 2, name, "projected engine curvature"))
     return ProjectedDenseCurvature(e.clamp_min(0), q, (k_out, k_in))
 
@@ -931,12 +941,6 @@ def build_index(
 # ---------------------------------------------------------------------------------------
 
 
-def _damping(curvature: dict[str, LayerCurvature], damping: float | None) -> dict[str, float]:
-    if damping is None:
-        return {n: op.default_damping() for n, op in curvature.items()}
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-        raise ValueError(f"damping must be None or a non-negative number, got {damping!r}")
-    return {n: float(damping) for n in curvature}
 
 
 def _open(an: Any, index: str | Path | GradientIndex | None, verify: bool) -> GradientIndex:
@@ -969,7 +973,7 @@ def query_gradients(
             f"Attributor tracks {list(an.layers)[:4]}; create the Attributor with the same modules"
         )
     curvature = index.curvature()
-    lam = _damping(curvature, damping)
+    lam = resolve_damping(curvature, damping)
     projector = _Projector(index.projections())
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
@@ -1015,7 +1019,7 @@ def query_index(
         "projection": index.manifest["projection"]["kind"],
         "dim": index.manifest["projection"]["dim"],
         "curvature": index.manifest["curvature"]["kind"],
-        "damping": _damping(index.curvature(), damping),
+        "damping": resolve_damping(index.curvature(), damping),
     }
     if use_faiss:
         if top_k is None or per_layer:

@@ -34,6 +34,7 @@ padding gets zero gradient by construction.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from .errors import NonFiniteError
+from .errors import ExampleError, NonFiniteError, TruncationWarning, all_finite
 
 __all__ = ["Task", "LanguageModelingTask", "ClassificationTask", "RegressionTask"]
 
@@ -125,7 +126,7 @@ def _sample_categorical(logits: torch.Tensor, samples: int | None = None) -> tor
     Returns [...], or [..., samples] independent draws when ``samples`` is given (one uniform
     tensor either way, so ``samples=1`` draws exactly what ``samples=None`` does).
     """
-    if not torch.isfinite(logits.sum()):  # one cheap reduction; NaN/inf anywhere propagates
+    if not all_finite(logits):
         raise NonFiniteError(
             "the model's outputs contain NaN or inf, so no labels can be sampled from them; "
             "check the weights and inputs, or run in float32"
@@ -199,7 +200,7 @@ def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, t
 
 def _checked_log_probs(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax in float32 or wider, after one cheap check that no output is NaN or inf."""
-    if not torch.isfinite(logits.sum()):
+    if not all_finite(logits):
         raise NonFiniteError(
             "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
             "check the weights and inputs, or run in float32"
@@ -300,7 +301,7 @@ class LanguageModelingTask(Task):
                 ids = [t for t, m in zip(ids, keep) if m]
             labels = _as_list(item["labels"]) if item.get("labels") is not None else list(ids)
             if len(labels) < len(ids):
-                raise ValueError(f"example {i}: 'labels' is shorter than 'input_ids'")
+                raise ExampleError(i, ": 'labels' is shorter than 'input_ids'")
             labels = labels[: len(ids)]
         elif isinstance(item, Mapping) and "prompt" in item and "completion" in item:
             p, c = self._encode(item["prompt"]), self._encode(item["completion"])
@@ -311,15 +312,50 @@ class LanguageModelingTask(Task):
             labels = list(ids)
         else:
             keys = list(item.keys()) if isinstance(item, Mapping) else type(item).__name__
-            raise ValueError(
-                f"example {i} has no 'input_ids' (found {keys}); a language-modelling example "
-                "needs 'input_ids', or with a tokenizer 'text' or 'prompt' + 'completion'"
+            raise ExampleError(
+                i,
+                f" has no 'input_ids' (found {keys}); a language-modelling example "
+                "needs 'input_ids', or with a tokenizer 'text' or 'prompt' + 'completion'",
             )
-        if self.max_length is not None:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, labels = self._truncate(ids, labels, i)
         if len(ids) < 2:
-            raise ValueError(f"example {i} has {len(ids)} token(s); at least 2 are needed")
+            raise ExampleError(i, f" has {len(ids)} token(s); at least 2 are needed")
         return ids, labels
+
+    def _truncate(self, ids: list[int], labels: list[int], i: int) -> tuple[list[int], list[int]]:
+        """Cut a sequence to ``max_length`` tokens without losing a scored token.
+
+        A document scored from its first token (plain text) keeps its first ``max_length``
+        tokens. A sequence with an unscored prefix (a prompt) keeps its scored tokens and drops
+        prompt tokens *from the left*: the window ends at the last scored token, and at least one
+        position before the first scored token stays, since that position predicts it. Cutting from
+        the right instead once scored 4 of a 19-token completion without a word. If the scored
+        span alone does not fit, the example is refused.
+        """
+        m = self.max_length
+        scored = [t for t, lab in enumerate(labels) if lab != IGNORE]
+        if not scored or scored[0] == 0:
+            return ids[:m], labels[:m]
+        start = max(0, scored[-1] + 1 - m)
+        if start > scored[0] - 1:
+            span = scored[-1] - scored[0] + 1
+            raise ExampleError(
+                i,
+                f": its scored tokens (the completion) span {span} tokens, but max_length={m} holds at most "
+                f"{m - 1} after one prompt token; shorten the completion or raise max_length",
+            )
+        end = start + m
+        if start > 0:
+            warnings.warn(
+                TruncationWarning(
+                    i,
+                    f": the prompt was truncated from the left by {start} of {scored[0]} tokens so that the "
+                    f"{len(scored)} scored tokens fit max_length={m}",
+                ),
+                stacklevel=2,
+            )
+        return ids[start:end], labels[start:end]
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest example; padding gets attention 0 and label -100."""
