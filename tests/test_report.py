@@ -10,13 +10,16 @@ import json
 import os
 import re
 import shutil
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 
+from headwater.analysis import analyze
 from headwater.report import NEGATIVE, POSITIVE, color, distribution_chart, heatmap, layer_chart, render_report
+from headwater.scoring import Scores
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -261,3 +264,57 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path: Path) -> None: 
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
     for name in ("summary.png", "query.png"):  # a blank page compresses to a few kB
         assert (tmp_path / name).stat().st_size > 30_000, name
+
+
+# ---------------------------------------------------------------------------------------
+# Any number of queries
+# ---------------------------------------------------------------------------------------
+
+
+def _synthetic(n_queries: int, n_train: int = 40, k: int = 3, seed: int = 0) -> tuple[list[dict], torch.Tensor]:
+    """Rows shaped like ``headwater score``'s results.jsonl, small enough for 1,000 queries."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(n_queries, n_train, generator=gen)
+    layers = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+
+    def entry(q: int, i: int) -> dict:
+        v = float(values[q, i])
+        return {"index": i, "score": v, "text": f"doc {i}", "tokens": [f"doc{i}", " end"], "token_scores": [v, -v / 2],
+                "per_layer": {layers[0]: v / 3, layers[1]: 2 * v / 3}}  # fmt: skip
+
+    results = []
+    for q in range(n_queries):
+        order = values[q].argsort(descending=True).tolist()
+        top, bottom = [entry(q, i) for i in order[:k]], [entry(q, i) for i in order[::-1][:k]]
+        row = values[q]
+        results.append({
+            "query": q, "prompt": f"query {q} is", "completion": " this", "relevant": [order[0]],
+            "top": top, "bottom": bottom,
+            "per_layer_top": {n: sum(e["per_layer"][n] for e in top) for n in layers},
+            "per_layer_bottom": {n: sum(e["per_layer"][n] for e in bottom) for n in layers},
+            "stats": {"n": n_train, "positive": int((row > 0).sum()), "mean": float(row.mean()),
+                      "std": float(row.std()), "max": float(row.max()), "min": float(row.min())},
+            "recall": 1.0, "recall_k": k,
+        })  # fmt: skip
+    return results, values
+
+
+@pytest.mark.parametrize("n_queries", [1, 2, 1000])
+def test_report_renders_any_number_of_queries(n_queries: int) -> None:
+    results, values = _synthetic(n_queries)
+    analysis = analyze(Scores(values), top_k=3)
+    settings, meta = {"model": "m", "strategy": "ekfac"}, {"layers": list(results[0]["per_layer_top"]), "top_k": 3}
+    t0 = time.perf_counter()
+    html = render_report(results, values, settings, meta, analysis)
+    seconds = time.perf_counter() - t0
+    p = parse(html)
+    assert sum(1 for t, a in p.tags if t == "section" and a.get("class") == "query") == n_queries
+    assert html.count('<tr><td class="num"><a href="#q') == n_queries
+    text = "".join(p.text)
+    if n_queries == 1:  # one query has no pair to overlap: a dash, not a crash
+        assert analysis["cross_query"]["mean_jaccard"] is None
+        assert "(Jaccard)- (needs two or more queries)" in text
+    else:
+        assert f"(Jaccard){analysis['cross_query']['mean_jaccard']:.3f}" in text
+    assert seconds < 3.0, f"{n_queries} queries took {seconds:.2f}s to render"
+    assert len(html) < 20_000 * n_queries + 50_000, "the report grows linearly with the queries (no Q x Q table)"

@@ -9,17 +9,24 @@ axes, and the top-k most positive and most negative training sequences as token 
 Token colours use one symmetric diverging scale per query (red raises the completion's
 probability, blue lowers it), so sequences of the same query compare at a glance; the exact
 value of each token shows on hover. Charts are drawn here as SVG so the file opens offline.
+
+results.jsonl, cli.json and the scores' metadata are files a user (or anyone who hands over a
+run directory) can edit, so nothing read from them reaches the HTML unchecked: ``check_results``
+validates the rows' schema first, every string is escaped, and every number goes through
+``_num``/``_real``, which format only finite real numbers (anything else shows as escaped text,
+or as 0 in a coordinate or colour).
 """
 
 from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["render_report", "color", "POSITIVE", "NEGATIVE"]
+__all__ = ["render_report", "check_results", "color", "POSITIVE", "NEGATIVE"]
 
 POSITIVE = (202, 0, 32)  # red: upweighting this raises the completion's log-probability
 NEGATIVE = (5, 113, 176)  # blue: lowers it
@@ -74,13 +81,52 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _is_real(v: Any) -> bool:
+    """A finite real number and not a bool (JSON's true is an int to Python, not a score)."""
+    if type(v) is float:  # the common case, without the slower ABC check
+        return math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v: Any, default: float = 0.0) -> float:
+    """``v`` as a float when it is a finite real number, else ``default``: what may reach a coordinate or colour."""
+    return float(v) if _is_real(v) else default
+
+
+def _num_text(v: Any, spec: str = "", none: str = "-") -> str:
+    """``format(v, spec)`` for a finite real number; None shows as ``none`` and anything else as its text
+    (unescaped: for strings that are escaped as a whole later)."""
+    if v is None:
+        return none
+    if _is_real(v):
+        try:
+            return format(v, spec)
+        except (ValueError, TypeError):  # e.g. "d" given a float
+            return format(float(v), "g")
+    return str(v)
+
+
+def _num(v: Any, spec: str = "", none: str = "-") -> str:
+    """A number ready for HTML (text or attribute value): see ``_num_text``; the result is escaped."""
+    return _e(_num_text(v, spec, none))
+
+
 def color(value: float, vmax: float) -> tuple[int, int, int]:
     """Diverging colour: white at 0, full red at +vmax, full blue at -vmax.
 
     Intensity grows with sqrt(|value| / vmax): token influence is heavy-tailed, and on a
     linear ramp everything but the hottest token of the top sequence would look white.
     """
-    if vmax <= 0 or not math.isfinite(value):
+    if not _is_real(value) or not _is_real(vmax) or vmax <= 0:
         return WHITE
     t = math.sqrt(min(1.0, abs(value) / vmax))
     end = POSITIVE if value > 0 else NEGATIVE
@@ -92,11 +138,17 @@ def _hex(rgb: Sequence[int]) -> str:
 
 
 def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:+.3g}"
+    return _num(v, "+.3g")
+
+
+def _str_list(v: Any) -> list[str]:
+    """A list of names from settings or metadata; anything but a list (a string would become its letters) is none."""
+    return [str(x) for x in v] if isinstance(v, (list, tuple)) else []
+
+
+def _real_dict(v: Any) -> dict[str, float]:
+    """A {name: number} mapping with every value a finite float (others 0): chart input from an edited file."""
+    return {str(k): _real(x) for k, x in v.items()} if isinstance(v, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,6 +164,8 @@ def _short_layer(name: str) -> str:
 def layer_chart(names: list[str], top: dict[str, float], bottom: dict[str, float], k: int) -> str:
     """Grouped bars per layer, first to last: summed influence of the top-k and bottom-k sequences."""
     w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 10, 14, 58
+    names, top, bottom = [str(x) for x in names], _real_dict(top), _real_dict(bottom)
+    k_text = _num(k)
     n = max(1, len(names))
     vals = [top.get(x, 0.0) for x in names] + [bottom.get(x, 0.0) for x in names] + [0.0]
     lo, hi = min(vals), max(vals)
@@ -138,7 +192,7 @@ def layer_chart(names: list[str], top: dict[str, float], bottom: dict[str, float
             y1, y2 = sorted((y(v), y0))
             out.append(
                 f'<rect class="bar {cls}" x="{x:.1f}" y="{y1:.1f}" width="{bw:.1f}" height="{max(0.5, y2 - y1):.1f}" '
-                f'fill="{fill}"><title>{_e(name)} ({"top" if j == 0 else "bottom"} {k}): {v:+.4g}</title></rect>'
+                f'fill="{fill}"><title>{_e(name)} ({"top" if j == 0 else "bottom"} {k_text}): {v:+.4g}</title></rect>'
             )
         if i % label_every == 0:
             out.append(
@@ -184,8 +238,9 @@ def distribution_chart(values: Sequence[float]) -> str:
     straight-ish line here means a few sequences carry most of the influence.
     """
     w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 14, 14, 40
-    pos = sorted((v for v in values if v > 0), reverse=True)
-    neg = sorted((-v for v in values if v < 0), reverse=True)
+    finite = [float(v) for v in values if _is_real(v)]
+    pos = sorted((v for v in finite if v > 0), reverse=True)
+    neg = sorted((-v for v in finite if v < 0), reverse=True)
     out = [f'<svg class="chart dist-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
            f'aria-label="score distribution, log-log">']  # fmt: skip
     if not pos and not neg:
@@ -240,8 +295,11 @@ def tail_chart(fit: dict | None) -> str:
     w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 14, 14, 40
     out = [f'<svg class="chart tail-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
            f'aria-label="power-law tail of positive influence">']  # fmt: skip
-    pts = [(x, p) for x, p in (fit or {}).get("tail") or [] if x > 0 and p > 0]
-    if not pts or not fit or fit.get("alpha") is None:
+    fit = fit if isinstance(fit, dict) else {}
+    tail = fit.get("tail") if isinstance(fit.get("tail"), (list, tuple)) else []
+    pairs = [t for t in tail if isinstance(t, (list, tuple)) and len(t) == 2]
+    pts = [(float(x), float(p)) for x, p in pairs if _is_real(x) and _is_real(p) and x > 0 and p > 0]
+    if not pts or not _is_real(fit.get("alpha")):
         out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">too few positive scores to fit a tail</text>')
         return "".join(out) + "</svg>"
     xs, ps = [x for x, _ in pts], [p for _, p in pts]
@@ -265,10 +323,10 @@ def tail_chart(fit: dict | None) -> str:
     )
     dots = "".join(f'<circle cx="{fx(x):.1f}" cy="{fy(p):.1f}" r="1.8"/>' for x, p in pts)
     out.append(f'<g class="series tail-points" fill="{_hex(POSITIVE)}">{dots}</g>')
-    alpha, xmin = fit["alpha"], fit["xmin"]
-    scale = fit["n_tail"] / max(fit["n_positive"], 1)
+    alpha, xmin = _real(fit.get("alpha")), _real(fit.get("xmin"))
+    scale = _real(fit.get("n_tail")) / max(_real(fit.get("n_positive")), 1.0)
     x_hi = max(xs)
-    if xmin > 0 and x_hi > xmin:
+    if xmin > 0 and x_hi > xmin and scale > 0:
         line = [(x, scale * (x / xmin) ** (1 - alpha)) for x in (xmin * (x_hi / xmin) ** (i / 20) for i in range(21))]
         coords = " ".join(f"{fx(x):.1f},{fy(max(p, 10.0**ly0)):.1f}" for x, p in line)
         title = f"<title>power law, alpha = {alpha:.2f}</title>"
@@ -282,31 +340,33 @@ def analysis_summary(analysis: dict | None, n_queries: int) -> str:
     structure and sequences that sit in many queries' top-k."""
     if not analysis:
         return ""
-    sp, layers, tokens, cq = (analysis.get(k) or {} for k in ("sparsity", "layers", "tokens", "cross_query"))
-    rows = []
+    sp, layers, tokens, cq = (_dict(analysis.get(k)) for k in ("sparsity", "layers", "tokens", "cross_query"))
+    rows = []  # (label, value) as plain text, escaped below
     if sp:
         alpha = sp.get("median_alpha")
-        rows.append(("Power-law tail (median exponent over queries)", "-" if alpha is None else f"alpha = {alpha:.2f}"))
-        share = sp.get("mean_top1pct_share")
-        rows.append(
-            ("Share of positive influence in the top 1% of sequences", "-" if share is None else f"{share:.1%}")
-        )
+        rows.append(("Power-law tail (median exponent over queries)", "-" if alpha is None else
+                     f"alpha = {_num_text(alpha, '.2f')}"))  # fmt: skip
+        rows.append(("Share of positive influence in the top 1% of sequences",
+                     _num_text(sp.get("mean_top1pct_share"), ".1%")))  # fmt: skip
     if tokens:
+        flagged, examined = _num_text(tokens.get("n_flagged", 0)), _num_text(tokens.get("n_examined", 0))
         rows.append(("Sequences whose influence sits on few tokens (||a||2/||a||1 > 2/3)",
-                     f"{tokens.get('n_flagged', 0)} of {tokens.get('n_examined', 0)} examined"))  # fmt: skip
+                     f"{flagged} of {examined} examined"))  # fmt: skip
     if cq:
-        rows.append(
-            (f"Mean overlap of top-{cq.get('k')} sets between queries (Jaccard)", f"{cq.get('mean_jaccard', 0):.3f}")
-        )
-        shared = [e for e in cq.get("shared") or [] if e.get("queries", 0) > 1][:8]
+        # mean_jaccard is None for a single query: there is no pair of queries to overlap
+        rows.append((f"Mean overlap of top-{_num_text(cq.get('k'))} sets between queries (Jaccard)",
+                     _num_text(cq.get("mean_jaccard"), ".3f", none="- (needs two or more queries)")))  # fmt: skip
+        listed = cq.get("shared") if isinstance(cq.get("shared"), list) else []
+        shared = [e for e in listed if isinstance(e, dict) and _real(e.get("queries")) > 1][:8]
         if shared:
-            rows.append(("Sequences in several queries' top-k", ", ".join(
-                f"#{e['index']} ({e['queries']}/{n_queries})" for e in shared)))  # fmt: skip
+            listing = (f"#{_num_text(e.get('index'))} ({_num_text(e.get('queries'))}/{n_queries})" for e in shared)
+            rows.append(("Sequences in several queries' top-k", ", ".join(listing)))
     parts = ['<section id="analysis"><h3>Analysis</h3><table class="settings analysis">']
     parts += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows]
     parts.append("</table>")
-    mean = layers.get("mean") if layers else None
+    mean = layers.get("mean") if isinstance(layers.get("mean"), list) else None
     if mean:
+        mean = [min(1.0, max(0.0, _real(f))) for f in mean]  # shares of influence, drawn as bar heights
         bw, bh, h = 460, 120, 150
         step = bw / len(mean)
         bars = "".join(
@@ -323,8 +383,13 @@ def analysis_summary(analysis: dict | None, n_queries: int) -> str:
     return "".join(parts)
 
 
+def _dict(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
 def legend(vmax: float, gid: str = "lg") -> str:
     """The heatmap's colour scale, -vmax .. +vmax, as an SVG gradient bar with labels."""
+    vmax, gid = _real(vmax), _e(gid)
     stops = "".join(
         f'<stop offset="{i / 10:.1f}" stop-color="{_hex(color(vmax * (i - 5) / 5, vmax))}"/>' for i in range(11)
     )
@@ -360,6 +425,7 @@ def _window(scores: list[float], limit: int) -> tuple[int, int]:
 
 def heatmap(tokens: list[str], scores: list[float], vmax: float, max_tokens: int = MAX_TOKENS) -> str:
     """Tokens as coloured spans; the value shows on hover (CSS tooltip and title)."""
+    scores = [_real(v) for v in scores]  # a non-number (edited file) is uncoloured, never markup
     lo, hi = _window(scores, max_tokens)
     spans = []
     if lo > 0:
@@ -367,7 +433,7 @@ def heatmap(tokens: list[str], scores: list[float], vmax: float, max_tokens: int
     for piece, v in zip(tokens[lo:hi], scores[lo:hi]):
         rgb = color(v, vmax)
         ink = "#fff" if vmax > 0 and abs(v) / vmax > 0.4 else "inherit"  # dark background past ~sqrt(0.4)
-        label = f"{v:+.3g}"
+        label = _num(v, "+.3g")
         spans.append(
             f'<span class="tok" style="background:{_hex(rgb)};color:{ink}" data-v="{label}" '
             f'title="{_e(repr(piece))}: {label}">{_e(piece)}</span>'
@@ -378,33 +444,35 @@ def heatmap(tokens: list[str], scores: list[float], vmax: float, max_tokens: int
 
 
 def _sequence(entry: dict, vmax: float, relevant: set[int]) -> str:
-    badge = '<span class="badge">states the fact</span>' if entry["index"] in relevant else ""
+    badge = '<span class="badge">states the fact</span>' if entry.get("index") in relevant else ""
     return (
-        f'<li class="seq"><div class="seq-meta"><span class="score">{_fmt(entry["score"])}</span>'
-        f"<span>training #{entry['index']}</span>{badge}</div>"
+        f'<li class="seq"><div class="seq-meta"><span class="score">{_fmt(entry.get("score"))}</span>'
+        f"<span>training #{_num(entry.get('index'))}</span>{badge}</div>"
         f"{heatmap(entry.get('tokens') or [], entry.get('token_scores') or [], vmax)}</li>"
     )
 
 
 def _query_section(r: dict, values: Sequence[float], layers: list[str], sparsity: dict | None = None) -> str:
-    q = r["query"]
+    q = _num(r["query"])  # an id and a label: validated by check_results, formatted anyway
     shown = (r.get("top") or []) + (r.get("bottom") or [])
-    vmax = max((abs(v) for e in shown for v in (e.get("token_scores") or [])), default=0.0)
+    vmax = max((abs(_real(v)) for e in shown for v in (e.get("token_scores") or [])), default=0.0)
     relevant = set(r.get("relevant") or [])
     k = len(r.get("top") or [])
-    stats = r.get("stats") or {}
+    stats = _dict(r.get("stats"))
     recall = ""
     if r.get("recall") is not None:
-        recall = f" &middot; recall@{r.get('recall_k', k)} = {r['recall']:.2f}"
-    names = layers or list(r.get("per_layer_top") or {})
+        recall_k = r.get("recall_k") if r.get("recall_k") is not None else k
+        recall = f" &middot; recall@{_num(recall_k)} = {_num(r['recall'], '.2f')}"
+    names = layers or list(_dict(r.get("per_layer_top")))
     parts = [
-        f'<section class="query" id="q{q}"><h2>Query {q + 1}</h2>',
+        f'<section class="query" id="q{q}"><h2>Query {_num(r["query"] + 1)}</h2>',
         f'<div class="query-text"><span class="prompt">{_e(r["prompt"])}</span>'
         f'<span class="completion">{_e(r["completion"])}</span></div>',
-        f'<p class="sub">{stats.get("positive", "?")} of {stats.get("n", "?")} training sequences raise the '
+        f'<p class="sub">{_num(stats.get("positive"), none="?")} of {_num(stats.get("n"), none="?")} '
+        "training sequences raise the "
         f"completion's probability{recall}</p>",
         '<div class="charts"><figure>',
-        layer_chart(names, r.get("per_layer_top") or {}, r.get("per_layer_bottom") or {}, k),
+        layer_chart(names, _dict(r.get("per_layer_top")), _dict(r.get("per_layer_bottom")), k),
         f"<figcaption>Per-layer influence, first to last layer: the summed score of the top {k} "
         f"(red) and bottom {k} (blue) sequences by layer.</figcaption></figure><figure>",
         distribution_chart(values),
@@ -423,14 +491,14 @@ def _query_section(r: dict, values: Sequence[float], layers: list[str], sparsity
 
 
 def _tail_figure(sparsity: dict | None) -> str:
-    if sparsity is None:
+    if not isinstance(sparsity, dict):
         return ""
-    fit = sparsity.get("power_law") or {}
+    fit = _dict(sparsity.get("power_law"))
     if fit.get("alpha") is not None:
-        ks = f", KS = {fit['ks']:.3f}" if fit.get("ks") is not None else ""
-        caption = (f"Tail of positive influence with its power-law fit: alpha = {fit['alpha']:.2f}, "
-                   f"xmin = {fit['xmin']:.3g}{ks}; the top 1% of sequences hold "
-                   f"{sparsity.get('top1pct_share') or 0:.1%} of the positive influence.")  # fmt: skip
+        ks = f", KS = {_num_text(fit['ks'], '.3f')}" if fit.get("ks") is not None else ""
+        caption = (f"Tail of positive influence with its power-law fit: alpha = {_num_text(fit['alpha'], '.2f')}, "
+                   f"xmin = {_num_text(fit.get('xmin'), '.3g')}{ks}; the top 1% of sequences hold "
+                   f"{_num_text(sparsity.get('top1pct_share') or 0, '.1%')} of the positive influence.")  # fmt: skip
     else:
         caption = "Too few positive scores for a power-law fit."
     return f"<figure>{tail_chart(fit)}<figcaption>{_e(caption)}</figcaption></figure>"
@@ -438,14 +506,14 @@ def _tail_figure(sparsity: dict | None) -> str:
 
 def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     damping = meta.get("damping") or {}
+    vals = [float(v) for v in damping.values() if _is_real(v)] if isinstance(damping, dict) else []
     if meta.get("damping_arg") is not None:
-        damp = f"{meta['damping_arg']:g} (absolute, every layer)"
-    elif isinstance(damping, dict) and damping:
-        vals = list(damping.values())
+        damp = f"{_num_text(meta['damping_arg'], 'g')} (absolute, every layer)"
+    elif vals:
         damp = f"0.1 x mean eigenvalue per layer: {min(vals):.3g} .. {max(vals):.3g}"
     else:
         damp = "0.1 x mean eigenvalue per layer"
-    layers = meta.get("layers") or settings.get("layers") or []
+    layers = _str_list(meta.get("layers")) or _str_list(settings.get("layers"))
     rows = [
         ("Model", settings.get("model", "?")),
         ("Tokenizer", settings.get("tokenizer", "?")),
@@ -466,34 +534,56 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows]
 
 
-def render_report(results: list[dict], values: Any, settings: dict, meta: dict, analysis: dict | None = None) -> str:
+def render_report(
+    results: list[dict],
+    values: Any,
+    settings: dict,
+    meta: dict,
+    analysis: dict | None = None,
+    *,
+    source: str = "results",
+) -> str:
     """The whole report as one HTML string. ``values`` is the [Q, N] score matrix; ``analysis``
-    is ``headwater.analysis.analyze`` of the same scores (shown when given)."""
-    rows = [list(map(float, values[q].tolist())) for q in range(len(results))]
-    layers = list(meta.get("layers") or settings.get("layers") or [])
+    is ``headwater.analysis.analyze`` of the same scores (shown when given).
+
+    The rows are checked first (``check_results``, with ``source`` naming them in errors, e.g.
+    the results.jsonl path), since a report built from a damaged or hostile file must fail,
+    not run that file's markup in the reader's browser.
+    """
+    n_rows, n_train = _shape(values)
+    results = check_results(results, n_train, source)
+    if n_rows < len(results):
+        raise ValueError(
+            f"{source}: {len(results)} result rows but the score matrix has {n_rows}; rerun `headwater score`"
+        )
+    settings, meta = _dict(settings), _dict(meta)
+    rows = [[float(x) for x in _tolist(values[q])] for q in range(len(results))]
+    layers = _str_list(meta.get("layers")) or _str_list(settings.get("layers"))
     title = meta.get("title") or "headwater report"
-    recalls = [r["recall"] for r in results if r.get("recall") is not None]
+    recalls = [float(r["recall"]) for r in results if r.get("recall") is not None]
     recall_line = ""
     if recalls:
-        k = results[0].get("recall_k", meta.get("top_k"))
+        k = results[0].get("recall_k")
+        k = meta.get("top_k") if k is None else k
         recall_line = (
-            f"<p><b>recall@{k} = {sum(recalls) / len(recalls):.3f}</b> (mean over {len(recalls)} queries of the "
-            "share of known relevant sequences in the top k)</p>"
+            f"<p><b>recall@{_num(k, none='k')} = {sum(recalls) / len(recalls):.3f}</b> (mean over {len(recalls)} "
+            "queries of the share of known relevant sequences in the top k)</p>"
         )
     settings_html = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in _settings_rows(settings, meta))
     q_rows = []
     for r in results:
         best = (r.get("top") or [{}])[0]
-        text = best.get("text", "")
+        text = best.get("text") or ""
         text = text if len(text) <= 90 else text[:87] + "..."
-        rec = f"{r['recall']:.2f}" if r.get("recall") is not None else "-"
+        rec = _num(r.get("recall"), ".2f")
         q_rows.append(
-            f'<tr><td class="num"><a href="#q{r["query"]}">{r["query"] + 1}</a></td><td>{_e(r["prompt"])}'
+            f'<tr><td class="num"><a href="#q{_num(r["query"])}">{_num(r["query"] + 1)}</a></td><td>{_e(r["prompt"])}'
             f'<b>{_e(r["completion"])}</b></td><td class="num">{_fmt(best.get("score"))}</td>'
             f'<td>{_e(text)}</td><td class="num">{rec}</td></tr>'
         )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sparsity = ((analysis or {}).get("sparsity") or {}).get("per_query") or []
+    sparsity = _dict(_dict(analysis).get("sparsity")).get("per_query")
+    sparsity = sparsity if isinstance(sparsity, list) else []
     per_query = [sparsity[i] if i < len(sparsity) else None for i in range(len(results))]
     body = [
         "<!DOCTYPE html>",
@@ -510,9 +600,154 @@ def render_report(results: list[dict], values: Any, settings: dict, meta: dict, 
         '<h3>Queries</h3><table class="queries"><thead><tr><th class="num">#</th><th>prompt + completion</th>'
         '<th class="num">top score</th><th>most influential training sequence</th><th class="num">recall</th>'
         f"</tr></thead><tbody>{''.join(q_rows)}</tbody></table>",
-        analysis_summary(analysis, len(results)),
+        analysis_summary(_dict(analysis), len(results)),
         "</section>",
         "".join(_query_section(r, rows[i], layers, per_query[i]) for i, r in enumerate(results)),
         "</main></body></html>",
     ]
     return "\n".join(body)
+
+
+def _shape(values: Any) -> tuple[int, int | None]:
+    """(Q, N) of the score matrix, whether a tensor, an array or nested lists."""
+    shape = getattr(values, "shape", None)
+    if shape is not None:
+        if len(shape) != 2:
+            raise ValueError(f"values must be a [queries, training sequences] score matrix, got shape {tuple(shape)}")
+        return int(shape[0]), int(shape[1])
+    n_rows = len(values)
+    return n_rows, (len(values[0]) if n_rows else None)
+
+
+def _tolist(row: Any) -> list:
+    return row.tolist() if hasattr(row, "tolist") else list(row)
+
+
+# ---------------------------------------------------------------------------------------
+# Schema of results.jsonl
+# ---------------------------------------------------------------------------------------
+
+
+_FIX = "rerun `headwater score`"
+_MISSING = object()
+
+
+def check_results(results: list, n_train: int | None = None, source: str = "results") -> list[dict]:
+    """The rows of results.jsonl, checked field by field before any of them reaches the report.
+
+    The file is plain JSON that anyone holding the run directory can edit: unchecked, a string
+    where the report expects a number would be written into the HTML and run in the reader's
+    browser. Raises ValueError with ``source``, the line (row i is line i + 1), the field path and
+    the value. ``n_train`` bounds the training indices when given. Unknown fields are allowed
+    (queries carry their own through); the report escapes whatever it shows.
+    """
+    if n_train is not None and (not _is_int(n_train) or n_train < 0):
+        raise ValueError(f"n_train must be a non-negative integer or None, got {n_train!r}")
+    if not isinstance(results, list):
+        raise ValueError(
+            f"{source}: must be a list of result rows (one JSON object per line), got {type(results).__name__}; {_FIX}"
+        )
+    for i, row in enumerate(results):
+        problem = next(_row_problems(row, n_train), None)
+        if problem is not None:
+            raise ValueError(f"{source}, line {i + 1}: {problem}; {_FIX}")
+    return results
+
+
+def _got(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _bad(path: str, want: str, v: Any) -> str:
+    if v is _MISSING:
+        return f"{path} is missing (must be {want})"
+    return f"{path} must be {want}, got {_got(v)}"
+
+
+def _in_range(v: Any, n: int | None) -> bool:
+    return _is_int(v) and v >= 0 and (n is None or v < n)
+
+
+def _row_problems(row: Any, n_train: int | None) -> Iterator[str]:
+    """What is wrong with one row, first problem first (the caller reports only the first)."""
+    if not isinstance(row, dict):
+        yield f"must be a JSON object (one query's result), got {_got(row)}"
+        return
+    index = f"an integer in [0, {n_train})" if n_train is not None else "a non-negative integer"
+    q = row.get("query", _MISSING)
+    if not _is_int(q) or q < 0:
+        yield _bad("query", "a non-negative integer", q)
+    for key in ("prompt", "completion"):
+        if not isinstance(row.get(key, _MISSING), str):
+            yield _bad(key, "a string", row.get(key, _MISSING))
+    rel = row.get("relevant")
+    if rel is not None and not isinstance(rel, list):
+        yield _bad("relevant", f"a list of training indices, each {index}", rel)
+    for j, i in enumerate(rel if isinstance(rel, list) else []):
+        if not _in_range(i, n_train):
+            yield _bad(f"relevant[{j}]", index, i)
+    if row.get("recall") is not None and not _is_real(row["recall"]):
+        yield _bad("recall", "a finite number or null", row["recall"])
+    if row.get("recall_k") is not None and not _in_range(row["recall_k"], None):
+        yield _bad("recall_k", "a non-negative integer", row["recall_k"])
+    for side in ("top", "bottom"):
+        entries = row.get(side)
+        if entries is not None and not isinstance(entries, list):
+            yield _bad(side, "a list of training sequences", entries)
+        for j, entry in enumerate(entries if isinstance(entries, list) else []):
+            yield from _entry_problems(f"{side}[{j}]", entry, n_train, index)
+    for key in ("per_layer_top", "per_layer_bottom"):
+        yield from _layer_problems(key, row.get(key))
+    stats = row.get("stats")
+    if stats is not None and not isinstance(stats, dict):
+        yield _bad("stats", "an object (n, positive, mean, std, max, min)", stats)
+    stats = stats if isinstance(stats, dict) else {}
+    for key in ("n", "positive"):
+        if stats.get(key) is not None and not _in_range(stats[key], None):
+            yield _bad(f"stats.{key}", "a non-negative integer", stats[key])
+    for key in ("mean", "std", "max", "min"):
+        if stats.get(key) is not None and not _is_real(stats[key]):
+            yield _bad(f"stats.{key}", "a finite number", stats[key])
+    n, pos = stats.get("n"), stats.get("positive")
+    if _is_int(n) and _is_int(pos) and pos > n:
+        yield f"stats.positive must be at most stats.n ({n}), got {pos}"
+
+
+def _entry_problems(path: str, e: Any, n_train: int | None, index: str) -> Iterator[str]:
+    """One shown training sequence: ``{index, score, text?, tokens?, token_scores?, per_layer?}``."""
+    if not isinstance(e, dict):
+        yield _bad(path, "an object with index and score", e)
+        return
+    if not _in_range(e.get("index", _MISSING), n_train):
+        yield _bad(f"{path}.index", index, e.get("index", _MISSING))
+    if not _is_real(e.get("score", _MISSING)):
+        yield _bad(f"{path}.score", "a finite number", e.get("score", _MISSING))
+    if e.get("text") is not None and not isinstance(e["text"], str):
+        yield _bad(f"{path}.text", "a string", e["text"])
+    tokens, scores = e.get("tokens"), e.get("token_scores")
+    for key, value, want, ok in (("tokens", tokens, "a string", lambda x: isinstance(x, str)),
+                                 ("token_scores", scores, "a finite number", _is_real)):  # fmt: skip
+        if value is not None and not isinstance(value, list):
+            yield _bad(f"{path}.{key}", f"a list (each {want})", value)
+        for j, x in enumerate(value if isinstance(value, list) else []):
+            if not ok(x):
+                yield _bad(f"{path}.{key}[{j}]", want, x)
+    n_tok = len(tokens) if isinstance(tokens, list) else 0
+    n_sc = len(scores) if isinstance(scores, list) else 0
+    if n_tok != n_sc:
+        yield f"{path}.tokens and {path}.token_scores must have the same length, got {n_tok} and {n_sc}"
+    yield from _layer_problems(f"{path}.per_layer", e.get("per_layer"))
+
+
+def _layer_problems(path: str, d: Any) -> Iterator[str]:
+    if d is None:
+        return
+    if not isinstance(d, dict):
+        yield _bad(path, "an object of {layer name: number}", d)
+        return
+    for name, v in d.items():
+        if not isinstance(name, str):
+            yield _bad(f"{path} key", "a layer name (string)", name)
+        elif not _is_real(v):
+            yield _bad(f"{path}[{name!r}]", "a finite number", v)
