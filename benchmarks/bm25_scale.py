@@ -57,8 +57,10 @@ def main() -> None:
     ids_by_rank = rng.permutation(args.vocab)
     tokens = zipf_tokens(rng, int(offsets[-1]), ids_by_rank)
     queries = [zipf_tokens(rng, int(k), ids_by_rank) for k in rng.integers(20, 41, args.queries)]
-    print(f"corpus: {args.docs:,} docs, {tokens.size:,} tokens ({tokens.nbytes / 2**20:.0f} MiB as int32), "
-          f"lengths {args.min_len}-{args.max_len}, vocab {args.vocab:,}")
+    print(
+        f"corpus: {args.docs:,} docs, {tokens.size:,} tokens ({tokens.nbytes / 2**20:.0f} MiB as int32), "
+        f"lengths {args.min_len}-{args.max_len}, vocab {args.vocab:,}"
+    )
     print(f"peak RSS after generating the corpus: {peak_rss_mb():.0f} MiB")
 
     tracemalloc.start()
@@ -67,8 +69,10 @@ def main() -> None:
     build_flat = time.perf_counter() - t0
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"build (flat tokens + offsets): {build_flat:.2f} s, traced peak {traced_peak / 2**20:.0f} MiB, "
-          f"index holds {index.nbytes / 2**20:.0f} MiB")
+    print(
+        f"build (flat tokens + offsets): {build_flat:.2f} s, traced peak {traced_peak / 2**20:.0f} MiB, "
+        f"index holds {index.nbytes / 2**20:.0f} MiB"
+    )
     print(f"peak RSS after the flat build: {peak_rss_mb():.0f} MiB")
 
     t0 = time.perf_counter()
@@ -78,8 +82,10 @@ def main() -> None:
     top = index.candidates(queries, args.n)
     t_cand = (time.perf_counter() - t0) / len(queries)
     matched = np.mean([(s > 0).sum() for s in per_query])
-    print(f"query: scores {t_scores * 1e3:.1f} ms/query, candidates(n={args.n:,}) {t_cand * 1e3:.1f} ms/query "
-          f"({len(queries)} queries of 20-40 tokens; on average {matched:,.0f} docs share a token with a query)")
+    print(
+        f"query: scores {t_scores * 1e3:.1f} ms/query, candidates(n={args.n:,}) {t_cand * 1e3:.1f} ms/query "
+        f"({len(queries)} queries of 20-40 tokens; on average {matched:,.0f} docs share a token with a query)"
+    )
     assert all(t.shape[0] == min(args.n, args.docs) for t in top)
 
     docs = np.split(tokens, offsets[1:-1])  # a list of per-document arrays, as token_ids() returns

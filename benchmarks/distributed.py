@@ -86,8 +86,10 @@ def main(argv=None) -> None:
     for phase in ("fit", "score"):
         print(f"| {phase} | {single[phase]:.1f} | {multi[phase]:.1f} | {single[phase] / multi[phase]:.2f}x |")
     rel = abs(single["checksum"] - multi["checksum"]) / single["checksum"]
-    print(f"\nsum |scores|: 1 process {single['checksum']:.6e}, {args.world} processes {multi['checksum']:.6e} "
-          f"(relative difference {rel:.1e})")
+    print(
+        f"\nsum |scores|: 1 process {single['checksum']:.6e}, {args.world} processes {multi['checksum']:.6e} "
+        f"(relative difference {rel:.1e})"
+    )
     total = sum(v["allreduce_bytes"] + v["broadcast_bytes"] for v in single["volume"].values())
     print("\n| layer | all-reduce per fit pass (MB) | eigenvector broadcast (MB) |\n|---|---|---|")
     for n, v in single["volume"].items():

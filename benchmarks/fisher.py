@@ -102,8 +102,10 @@ class Run:
             t = time.perf_counter()
             keys = [KRONFLUENCE_DEFAULT, None, self.damping]
             values = kronfluence_scores(self.bench, keys, seed)
-            self._kf[seed] = ({k: v.double() for k, v in zip(["default", "heuristic", "table2"], values)},
-                              (time.perf_counter() - t) / len(keys))  # fmt: skip
+            self._kf[seed] = (
+                {k: v.double() for k, v in zip(["default", "heuristic", "table2"], values)},
+                (time.perf_counter() - t) / len(keys),
+            )
         return self._kf[seed]
 
     def fit(self, fisher: str, samples: int, seed: int, top: int = 8) -> tuple[Attributor, float]:
@@ -136,8 +138,10 @@ def estimators(bench: Benchmark) -> list[tuple[str, str, int]]:
 
 
 def table_spread(run: Run, seeds: int, log: Callable[[str], None]) -> list[str]:
-    rows = ["| estimator | sd mean(Lambda) / mean | sd damping / mean | LDS (mean ± sd) | fit + score s |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| estimator | sd mean(Lambda) / mean | sd damping / mean | LDS (mean ± sd) | fit + score s |",
+        "|---|---|---|---|---|",
+    ]
     for label, fisher, samples in estimators(run.bench):
         lam, damp, ldss, secs = [], [], [], []
         for seed in range(1 if fisher == "exact" else seeds):
@@ -161,8 +165,10 @@ def table_spread(run: Run, seeds: int, log: Callable[[str], None]) -> list[str]:
         rows.append(f"| {label} | - | - | {_stats(ldss)} | {statistics.mean(secs):.2f} |")
         log(rows[-1])
     if kronfluence_available() and run.y is not None:
-        for key, label in (("default", "kronfluence EK-FAC, its default damping 1e-8"),
-                           ("heuristic", "kronfluence EK-FAC, its 0.1 x mean Lambda heuristic")):  # fmt: skip
+        for key, label in (
+            ("default", "kronfluence EK-FAC, its default damping 1e-8"),
+            ("heuristic", "kronfluence EK-FAC, its 0.1 x mean Lambda heuristic"),
+        ):
             runs = [run.kronfluence(seed) for seed in range(seeds)]
             ldss = [run.lds(v[key]) for v, _ in runs]
             rows.append(f"| {label} | - | - | {_stats(ldss)} | {statistics.mean(t for _, t in runs):.2f} |")
@@ -182,8 +188,9 @@ def table_accuracy(run: Run, seeds: int, damping: float, steps: list[int], log: 
         log(rows[-1])
     overlap = (lambda v: [_overlap(v, dense)]) if dense is not None else (lambda v: [])
     methods: list[tuple[str, str, int, int, str]] = [(lbl, f, k, 0, "full") for lbl, f, k in estimators(b)]
-    methods += [(f"topk k=1 + refine {n} ({blocks})", "topk", 1, n, blocks)
-                for blocks in ("full", "layer") for n in steps]  # fmt: skip
+    methods += [
+        (f"topk k=1 + refine {n} ({blocks})", "topk", 1, n, blocks) for blocks in ("full", "layer") for n in steps
+    ]
     for label, fisher, samples, n, blocks in methods:
         ldss, over, secs = [], [], []
         for seed in range(1 if fisher == "exact" else seeds):
@@ -206,8 +213,11 @@ def table_accuracy(run: Run, seeds: int, damping: float, steps: list[int], log: 
 
 def table_damping(run: Run, seeds: int, scales: list[float], log: Callable[[str], None]) -> list[str]:
     """LDS vs damping scale: lambda_l = scale x mean, median or trimmed mean of Lambda_l."""
-    rules = {"mean": lambda lam: float(lam.mean()), "median": lambda lam: float(lam.median()),
-             "trimmed mean": _trimmed_mean}  # fmt: skip
+    rules = {
+        "mean": lambda lam: float(lam.mean()),
+        "median": lambda lam: float(lam.median()),
+        "trimmed mean": _trimmed_mean,
+    }
     ldss: dict[tuple[str, float], list[float]] = {(r, s): [] for r in rules for s in scales}
     for seed in range(seeds):
         an, _ = run.fit("topk", 1, seed)

@@ -54,8 +54,15 @@ def gpt2(layers: int, d: int, vocab: int, tokens: int, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=max(tokens, 128), n_embd=d, n_layer=layers,
-                     n_head=max(1, d // 64), bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=max(tokens, 128),
+        n_embd=d,
+        n_layer=layers,
+        n_head=max(1, d // 64),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -163,23 +170,44 @@ def quality(args) -> None:
     an = hw.Attributor(model, modules="mlp", strategy="ekfac")
     t_fit, _ = timed(lambda: an.fit(train, batch_size=args.batch_size))
     t_exact, exact = timed(lambda: an.scores(queries, train, batch_size=args.batch_size).values)
-    print(f"# exact EK-FAC: fit {t_fit:.1f} s, scores {t_exact:.1f} s; tracked layers "
-          f"{[(n, ad.out_features, ad.in_features) for n, ad in an.layers.items()]}")  # fmt: skip
+    print(
+        f"# exact EK-FAC: fit {t_fit:.1f} s, scores {t_exact:.1f} s; tracked layers "
+        f"{[(n, ad.out_features, ad.in_features) for n, ad in an.layers.items()]}"
+    )
     configs = [(c.split(":")[0], int(c.split(":")[1]), c.split(":")[2]) for c in args.configs.split(",")]
-    cols = ["projection", "dim (k_out = k_in)", "floats / record", "curvature", "Spearman", "top-10", "top-100",
-            "build (s)", "bytes / token"]  # fmt: skip
+    cols = [
+        "projection",
+        "dim (k_out = k_in)",
+        "floats / record",
+        "curvature",
+        "Spearman",
+        "top-10",
+        "top-100",
+        "build (s)",
+        "bytes / token",
+    ]
     print("\n| " + " | ".join(cols) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for proj, dim, curv in configs:
             path = Path(tmp) / f"{proj}-{dim}-{curv}"
-            t_build, idx = timed(build_index, an, train, dim=dim, batch_size=args.batch_size, path=path,
-                                 projection=proj, curvature=curv)  # fmt: skip
+            t_build, idx = timed(
+                build_index, an, train, dim=dim, batch_size=args.batch_size, path=path, projection=proj, curvature=curv
+            )
             res = query_index(an, queries, idx, batch_size=args.batch_size)
             rho, t10, t100 = compare(res.values, exact)
             kind = idx.manifest["curvature"]["kind"]
-            cells = [proj, dim, idx.record_dim, kind, f"{rho:.3f}", f"{t10:.2f}", f"{t100:.2f}", f"{t_build:.1f}",
-                     f"{disk_per_token(idx, train):.1f}"]  # fmt: skip
+            cells = [
+                proj,
+                dim,
+                idx.record_dim,
+                kind,
+                f"{rho:.3f}",
+                f"{t10:.2f}",
+                f"{t100:.2f}",
+                f"{t_build:.1f}",
+                f"{disk_per_token(idx, train):.1f}",
+            ]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
             shutil.rmtree(path)
 
@@ -213,12 +241,21 @@ def throughput(args) -> None:
         for rep in range(args.repeats):
             base = min(base, timed(plain_forward_backward, model, train, args.batch_size)[0])
             for k, (_, an, kw) in enumerate(builds):
-                t, idx = timed(build_index, an, train, dim=args.dim, batch_size=args.batch_size,
-                               path=Path(tmp) / f"{k}-{rep}", **kw)  # fmt: skip
+                t, idx = timed(
+                    build_index,
+                    an,
+                    train,
+                    dim=args.dim,
+                    batch_size=args.batch_size,
+                    path=Path(tmp) / f"{k}-{rep}",
+                    **kw,
+                )
                 best[k], kinds[k] = min(best.get(k, math.inf), t), idx.manifest["curvature"]["kind"]
                 disk = disk_per_token(idx, train)
-    print(f"\nplain forward+backward: {base:.2f} s ({n_tok / base:,.0f} tokens/s); "
-          f"engine EK-FAC fit (not part of any build below): {t_fit:.2f} s = {t_fit / base:.2f}x\n")  # fmt: skip
+    print(
+        f"\nplain forward+backward: {base:.2f} s ({n_tok / base:,.0f} tokens/s); "
+        f"engine EK-FAC fit (not part of any build below): {t_fit:.2f} s = {t_fit / base:.2f}x\n"
+    )
     print("| build | curvature | time (s, best of repeats) | ratio to fwd+bwd | tokens/s | bytes / token |")
     print("|---|---|---|---|---|---|")
     for k, (label, _, _) in enumerate(builds):
@@ -245,10 +282,17 @@ def synthesize(real: GradientIndex, path: Path, n: int, shard_size: int) -> Grad
         data = records.tobytes()
         name = f"shard-{j:05d}.bin"
         atomic_write_bytes(path / name, data)
-        shards.append({"file": name, "start": start, "stop": stop, "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
-    manifest.update(n_records=n, n_shards=len(shards), shards=shards, shard_size=shard_size,
-                    data_fingerprint="synthetic", curvature_data_fingerprint="synthetic")  # fmt: skip
+        shards.append(
+            {"file": name, "start": start, "stop": stop, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+    manifest.update(
+        n_records=n,
+        n_shards=len(shards),
+        shards=shards,
+        shard_size=shard_size,
+        data_fingerprint="synthetic",
+        curvature_data_fingerprint="synthetic",
+    )
     save_json(path / "manifest.json", manifest)
     return GradientIndex.open(path, verify=True)
 
@@ -262,8 +306,10 @@ def latency(args) -> None:
         real = build_index(an, small, dim=args.dim, batch_size=16, path=Path(tmp) / "real")
         t_syn, idx = timed(lambda: synthesize(real, Path(tmp) / "big", args.records, args.shard_size))
         size = sum(e["bytes"] for e in idx.shards)
-        print(f"\n# synthetic index: {idx.n_records:,} records x {idx.record_dim} float16 = {size / 2**20:,.0f} MiB "
-              f"in {len(idx.shards)} shards (written + checksummed in {t_syn:.1f} s)")  # fmt: skip
+        print(
+            f"\n# synthetic index: {idx.n_records:,} records x {idx.record_dim} float16 = {size / 2**20:,.0f} MiB "
+            f"in {len(idx.shards)} shards (written + checksummed in {t_syn:.1f} s)"
+        )
         print("\n| threads | queries | scan only (ms, median) | end-to-end query_index (ms, median) |")
         print("|---|---|---|---|")
         default_threads = torch.get_num_threads()
@@ -291,16 +337,25 @@ def latency(args) -> None:
         exact = idx.scan(q)[0].topk(10).indices
         found = _faiss_scores(idx, q, 10).topk(10).indices
         recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact, found)) / exact.numel()
-        print(f"\n# FAISS {_faiss_spec(idx.n_records)} (nprobe {hwi.FAISS_NPROBE}), 16 queries, top-10: search "
-              f"{t * 1e3:.0f} ms (median, after a one-off {t_build:.0f} s build); top-10 recall vs the exact scan "
-              f"{recall:.2f} (random synthetic records do not cluster, so this is a worst case)")  # fmt: skip
+        print(
+            f"\n# FAISS {_faiss_spec(idx.n_records)} (nprobe {hwi.FAISS_NPROBE}), 16 queries, top-10: search "
+            f"{t * 1e3:.0f} ms (median, after a one-off {t_build:.0f} s build); top-10 recall vs the exact scan "
+            f"{recall:.2f} (random synthetic records do not cluster, so this is a worst case)"
+        )
 
 
 QUALITY_CONFIGS = ",".join(
     [f"gaussian:{d}:{c}" for d in (8, 16, 32, 64) for c in ("engine", "ekfac", "dense")]
-    + ["gaussian:16:identity", "orthogonal:16:engine", "rademacher:16:engine", "kfac:16:engine", "kfac:32:engine",
-       "kfac:64:engine", "orthogonal:64:ekfac"]
-)  # fmt: skip
+    + [
+        "gaussian:16:identity",
+        "orthogonal:16:engine",
+        "rademacher:16:engine",
+        "kfac:16:engine",
+        "kfac:32:engine",
+        "kfac:64:engine",
+        "orthogonal:64:ekfac",
+    ]
+)
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,7 @@ def gpt2():
     return tiny_gpt2()
 
 
-def test_workdir_persists_factors_and_a_new_attributor_reuses_them(tmp_path, gpt2):
+def test_workdir_persists_factors_and_a_new_attributor_reuses_them(tmp_path, gpt2, monkeypatch):
     train, queries = lm_data(8), lm_queries(2)
     an = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "w").fit(train, batch_size=4)
     expected = an.scores(queries, train).values
@@ -30,19 +30,19 @@ def test_workdir_persists_factors_and_a_new_attributor_reuses_them(tmp_path, gpt
     assert again.curvature is not None  # loaded, no fit needed
     torch.testing.assert_close(again.scores(queries, train).values, expected)
     calls = []
-    again._stream = lambda *a, **k: calls.append(a)  # a refit on the same data must not pass over it
-    again.fit(train, batch_size=4)
+    monkeypatch.setattr(hw.attributor, "run_pass", lambda *a, **k: calls.append(a))  # a refit on the same data
+    again.fit(train, batch_size=4)  # must not pass over it
     assert calls == []
 
 
-def test_fit_resumes_from_a_saved_covariance_stage(tmp_path, gpt2):
+def test_fit_resumes_from_a_saved_covariance_stage(tmp_path, gpt2, monkeypatch):
     train = lm_data(8)
-    full = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "a").fit(train)
+    full = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "a").fit(train, keep_covariance=True)
     (tmp_path / "a" / "factors.safetensors").unlink()  # as if it crashed during the correction pass
     resumed = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "a")
     phases = []
-    original = resumed._stream
-    resumed._stream = lambda *a, **k: (phases.append(a[-1]), original(*a, **k))
+    original = hw.attributor.run_pass
+    monkeypatch.setattr(hw.attributor, "run_pass", lambda *a, **k: (phases.append(k["phase"]), original(*a, **k))[1])
     resumed.fit(train)
     assert phases == ["eigenvalue correction"]
     for name in full.layers:

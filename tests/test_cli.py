@@ -23,7 +23,6 @@ from headwater.storage import load_tensors
 runner = CliRunner()
 
 
-
 def invoke(*args: str):  # noqa: ANN201
     return runner.invoke(app, [str(a) for a in args])
 
@@ -44,8 +43,16 @@ def _save_model(path: Path, tok, seed: int) -> None:  # noqa: ANN001
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=48,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
 
@@ -63,16 +70,33 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in corpus.queries[:3]]
     queries[0]["relevant"] = [0, 1]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    return {"root": root, "model_a": root / "model_a", "model_b": root / "model_b",
-            "train": root / "train.jsonl", "queries": root / "queries.jsonl"}  # fmt: skip
+    return {
+        "root": root,
+        "model_a": root / "model_a",
+        "model_b": root / "model_b",
+        "train": root / "train.jsonl",
+        "queries": root / "queries.jsonl",
+    }
 
 
 @pytest.fixture(scope="module")
 def scored(files: dict[str, Path]) -> dict:
     """fit + score (exact query gradients, top 4) once; the tests below read what they wrote."""
     wd = files["root"] / "wd"
-    fit = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd,
-                 "--batch-size", 8, "--max-length", 40, "--quiet")  # fmt: skip
+    fit = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        files["train"],
+        "--workdir",
+        wd,
+        "--batch-size",
+        8,
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert fit.exit_code == 0, fit.output
     sc = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 4, "--query-rank", 0, "--quiet")
     assert sc.exit_code == 0, sc.output
@@ -87,8 +111,9 @@ def _reference(files: dict[str, Path]) -> hw.Scores:
     tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
     docs = [{"text": json.loads(x)["text"]} for x in files["train"].read_text().splitlines()]
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in read_queries(files["queries"])]
-    an = hw.Attributor(model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), strategy="ekfac",
-                       modules="mlp", seed=0)  # fmt: skip
+    an = hw.Attributor(
+        model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), strategy="ekfac", modules="mlp", seed=0
+    )
     an.fit(docs, batch_size=8)
     return an.scores(queries, docs, batch_size=8, per_layer=True)
 
@@ -139,8 +164,19 @@ def test_results_list_top_and_bottom_with_decomposed_scores(files: dict[str, Pat
 def test_per_token_flag_saves_full_tensor_and_agrees(files: dict[str, Path], scored: dict) -> None:
     wd = scored["wd"]
     before = [json.loads(x) for x in (wd / "results.jsonl").read_text().splitlines()]
-    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 4, "--query-rank", 0,
-                 "--per-token", "--quiet")  # fmt: skip
+    res = invoke(
+        "score",
+        "--workdir",
+        wd,
+        "--queries",
+        files["queries"],
+        "--top-k",
+        4,
+        "--query-rank",
+        0,
+        "--per-token",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     tensors, meta = load_tensors(wd / "scores.safetensors")
     per_token = tensors["per_token"]  # [Q, N, T]
@@ -158,8 +194,20 @@ def test_identity_strategy_with_low_rank_queries(files: dict[str, Path], tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wd = tmp_path / "wd"
-    fit = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--strategy",
-                 "identity", "--max-length", 40, "--quiet")  # fmt: skip
+    fit = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        files["train"],
+        "--workdir",
+        wd,
+        "--strategy",
+        "identity",
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert fit.exit_code == 0, fit.output
     res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 3, "--query-rank", 4, "--quiet")
     assert res.exit_code == 0, res.output
@@ -167,8 +215,9 @@ def test_identity_strategy_with_low_rank_queries(files: dict[str, Path], tmp_pat
     tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
     docs = read_documents(files["train"])
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in read_queries(files["queries"])]
-    an = hw.Attributor(model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), strategy="identity",
-                       modules="mlp")  # fmt: skip
+    an = hw.Attributor(
+        model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), strategy="identity", modules="mlp"
+    )
     ref = an.scores(queries, docs, batch_size=8, query_rank=4)
     values = load_tensors(wd / "scores.safetensors")[0]["values"]
     torch.testing.assert_close(values, ref.values, rtol=1e-4, atol=1e-6 * ref.values.abs().max().item())
@@ -183,8 +232,24 @@ def test_fisher_options_are_recorded_and_reused_by_score(files: dict[str, Path],
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wd = tmp_path / "wd"
-    fit = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--fisher", "topk",
-                 "--samples", 2, "--top", 3, "--max-length", 40, "--quiet")  # fmt: skip
+    fit = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        files["train"],
+        "--workdir",
+        wd,
+        "--fisher",
+        "topk",
+        "--samples",
+        2,
+        "--top",
+        3,
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert fit.exit_code == 0, fit.output
     settings = json.loads((wd / "cli.json").read_text())
     assert (settings["fisher"], settings["samples"], settings["top"]) == ("topk", 2, 3)
@@ -194,15 +259,33 @@ def test_fisher_options_are_recorded_and_reused_by_score(files: dict[str, Path],
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(files["model_a"], local_files_only=True)
     tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
-    an = hw.Attributor(model, task=hw.LanguageModelingTask(tokenizer=tok, max_length=40), modules="mlp",
-                       fisher="topk", samples=2, top=3)  # fmt: skip
+    an = hw.Attributor(
+        model,
+        task=hw.LanguageModelingTask(tokenizer=tok, max_length=40),
+        modules="mlp",
+        fisher="topk",
+        samples=2,
+        top=3,
+    )
     an.fit(read_documents(files["train"]), batch_size=8)
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in read_queries(files["queries"])]
     ref = an.scores(queries, read_documents(files["train"]), batch_size=8)
     values = load_tensors(wd / "scores.safetensors")[0]["values"]
     torch.testing.assert_close(values, ref.values, rtol=1e-4, atol=1e-6 * ref.values.abs().max().item())
-    other = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--fisher",
-                   "sampled", "--max-length", 40, "--quiet")  # fmt: skip
+    other = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        files["train"],
+        "--workdir",
+        wd,
+        "--fisher",
+        "sampled",
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert other.exit_code == 2 and "fisher" in other.output
 
 
@@ -241,23 +324,48 @@ def test_inspect_reports_spectra_from_the_factors(scored: dict) -> None:
 def test_refit_on_same_inputs_is_a_no_op_and_other_data_needs_overwrite(files: dict[str, Path], scored: dict) -> None:
     wd = scored["wd"]
     mtime = (wd / "factors.safetensors").stat().st_mtime_ns
-    again = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd,
-                   "--batch-size", 8, "--max-length", 40, "--quiet")  # fmt: skip
+    again = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        files["train"],
+        "--workdir",
+        wd,
+        "--batch-size",
+        8,
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert again.exit_code == 0 and (wd / "factors.safetensors").stat().st_mtime_ns == mtime
     other = files["root"] / "other.txt"
     other.write_text("One more document here.\n\nAnd a second one, after a blank line.\n")
     res = invoke("fit", "--model", files["model_a"], "--data", other, "--workdir", wd, "--max-length", 40, "--quiet")
     assert_error(res, "already holds factors fitted on other data.*--overwrite")
-    res = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--max-length", 20,
-                 "--quiet")  # fmt: skip
+    res = invoke(
+        "fit", "--model", files["model_a"], "--data", files["train"], "--workdir", wd, "--max-length", 20, "--quiet"
+    )
     assert_error(res, r"was fitted with max_length=40 \(now 20\); pass --overwrite")
 
 
 def test_fit_accepts_plain_text_data(files: dict[str, Path], tmp_path: Path) -> None:
     text = files["root"] / "docs.txt"
     text.write_text("The first document.\nIt has two lines.\n\n\nThe second document.\n")
-    res = invoke("fit", "--model", files["model_a"], "--data", text, "--workdir", tmp_path / "wd", "--strategy",
-                 "kfac", "--modules", "transformer.h.1.mlp.c_fc", "--quiet")  # fmt: skip
+    res = invoke(
+        "fit",
+        "--model",
+        files["model_a"],
+        "--data",
+        text,
+        "--workdir",
+        tmp_path / "wd",
+        "--strategy",
+        "kfac",
+        "--modules",
+        "transformer.h.1.mlp.c_fc",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     settings = json.loads((tmp_path / "wd" / "cli.json").read_text())
     assert settings["n_train"] == 2 and settings["layers"] == ["transformer.h.1.mlp.c_fc"]
@@ -352,8 +460,10 @@ def test_empty_dataset(files: dict[str, Path], tmp_path: Path) -> None:
     assert_error(res, r"data file .*empty\.jsonl contains no documents")
     blank = tmp_path / "blank.txt"
     blank.write_text("   \n\n")
-    assert_error(invoke("fit", "--model", files["model_a"], "--data", blank, "--workdir", tmp_path / "w"),
-                 "contains no documents")  # fmt: skip
+    assert_error(
+        invoke("fit", "--model", files["model_a"], "--data", blank, "--workdir", tmp_path / "w"),
+        "contains no documents",
+    )
 
 
 def test_empty_queries(scored: dict, tmp_path: Path) -> None:
@@ -379,14 +489,25 @@ def test_unloadable_model(files: dict[str, Path], tmp_path: Path) -> None:
 def test_unloadable_tokenizer(files: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "no_tokenizer"
     empty.mkdir()
-    res = invoke("fit", "--model", files["model_a"], "--tokenizer", empty, "--data", files["train"],
-                 "--workdir", tmp_path / "w")  # fmt: skip
+    res = invoke(
+        "fit", "--model", files["model_a"], "--tokenizer", empty, "--data", files["train"], "--workdir", tmp_path / "w"
+    )
     assert_error(res, r"cannot load a tokenizer from .*no_tokenizer")
 
 
 def test_workdir_from_another_model(files: dict[str, Path], scored: dict, tmp_path: Path) -> None:
-    res = invoke("fit", "--model", files["model_b"], "--data", files["train"], "--workdir", scored["wd"],
-                 "--max-length", 40, "--quiet")  # fmt: skip
+    res = invoke(
+        "fit",
+        "--model",
+        files["model_b"],
+        "--data",
+        files["train"],
+        "--workdir",
+        scored["wd"],
+        "--max-length",
+        40,
+        "--quiet",
+    )
     assert_error(res, r"workdir .* was made for another model")
     # and at score time, when the model directory the workdir records has changed since fit
     import shutil
@@ -404,15 +525,18 @@ def test_workdir_from_another_model(files: dict[str, Path], scored: dict, tmp_pa
 def test_score_and_report_need_a_workdir(files: dict[str, Path], tmp_path: Path) -> None:
     assert_error(invoke("score", "--workdir", tmp_path / "nowhere", "--queries", files["queries"]), "does not exist")
     (tmp_path / "plain").mkdir()
-    assert_error(invoke("score", "--workdir", tmp_path / "plain", "--queries", files["queries"]),
-                 r"not a fitted headwater workdir \(no cli\.json\)")  # fmt: skip
+    assert_error(
+        invoke("score", "--workdir", tmp_path / "plain", "--queries", files["queries"]),
+        r"not a fitted headwater workdir \(no cli\.json\)",
+    )
     assert_error(invoke("report", tmp_path / "plain"), r"not a fitted headwater workdir")
     assert_error(invoke("inspect", tmp_path / "plain"), r"not a headwater workdir \(no config\.json\)")
 
 
 def test_max_length_beyond_context(files: dict[str, Path], tmp_path: Path) -> None:
-    res = invoke("fit", "--model", files["model_a"], "--data", files["train"], "--workdir", tmp_path / "w",
-                 "--max-length", 4096)  # fmt: skip
+    res = invoke(
+        "fit", "--model", files["model_a"], "--data", files["train"], "--workdir", tmp_path / "w", "--max-length", 4096
+    )
     assert_error(res, r"--max-length 4096 exceeds the model's context length 48")
 
 
@@ -445,8 +569,16 @@ def test_interrupted_score_leaves_no_partial_files(
 
 
 def test_help_on_every_command() -> None:
-    groups = (["analyze"], ["evaluate"], ["evaluate", "lds"], ["evaluate", "pbrf"], ["evaluate", "retrieval"],
-              ["index"], ["index", "build"], ["index", "query"])  # fmt: skip
+    groups = (
+        ["analyze"],
+        ["evaluate"],
+        ["evaluate", "lds"],
+        ["evaluate", "pbrf"],
+        ["evaluate", "retrieval"],
+        ["index"],
+        ["index", "build"],
+        ["index", "query"],
+    )
     for cmd in ([], ["demo"], ["fit"], ["score"], ["report"], ["inspect"], *groups):
         res = invoke(*cmd, "--help")
         assert res.exit_code == 0 and "Usage:" in res.stdout, cmd
@@ -459,8 +591,20 @@ def test_candidates_score_only_bm25_candidates_and_analyze_reads_the_run(
 
     wd = tmp_path / "wd"
     shutil.copytree(scored["wd"], wd)
-    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 2, "--query-rank", 0,
-                 "--candidates", 3, "--quiet")  # fmt: skip
+    res = invoke(
+        "score",
+        "--workdir",
+        wd,
+        "--queries",
+        files["queries"],
+        "--top-k",
+        2,
+        "--query-rank",
+        0,
+        "--candidates",
+        3,
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     tensors, _ = load_tensors(wd / "scores.safetensors")
     assert tensors["mask"].sum(1).tolist() == [3, 3, 3]

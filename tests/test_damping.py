@@ -58,9 +58,11 @@ def test_a_zero_loss_model_warns_at_fit_time_and_keeps_damping_positive() -> Non
 def test_one_flat_layer_borrows_the_smallest_other_damping() -> None:
     from headwater.curvature import DiagonalCurvature, resolve_damping
 
-    curvature = {"a": DiagonalCurvature(torch.full((2, 2), 4.0, dtype=torch.float64)),
-                 "b": DiagonalCurvature(torch.full((2, 2), 2.0, dtype=torch.float64)),
-                 "flat": DiagonalCurvature(torch.zeros(2, 2, dtype=torch.float64))}  # fmt: skip
+    curvature = {
+        "a": DiagonalCurvature(torch.full((2, 2), 4.0, dtype=torch.float64)),
+        "b": DiagonalCurvature(torch.full((2, 2), 2.0, dtype=torch.float64)),
+        "flat": DiagonalCurvature(torch.zeros(2, 2, dtype=torch.float64)),
+    }
     assert resolve_damping(curvature, None) == pytest.approx({"a": 0.4, "b": 0.2, "flat": 0.2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -98,8 +98,18 @@ def _results(out: Path) -> list[dict]:
 def test_demo_run_writes_everything(demo_run) -> None:  # noqa: ANN001
     out, result = demo_run
     assert result.exit_code == 0, result.output
-    for name in ("report.html", "results.jsonl", "scores.safetensors", "factors.safetensors", "cli.json",
-                 "demo.json", "train.jsonl", "queries.jsonl", "model/config.json", "model/tokenizer.json"):  # fmt: skip
+    for name in (
+        "report.html",
+        "results.jsonl",
+        "scores.safetensors",
+        "factors.safetensors",
+        "cli.json",
+        "demo.json",
+        "train.jsonl",
+        "queries.jsonl",
+        "model/config.json",
+        "model/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.part")), "no temporary files may be left behind"
     html = (out / "report.html").read_text()

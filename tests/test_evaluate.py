@@ -34,7 +34,6 @@ from headwater.layers import select_layers
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-
 # ---------------------------------------------------------------------------------------
 # Tiny problems and their dense ground truth
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import headwater as hw
 from _models import MLP, classification_data, lm_data, regression_data, tiny_gpt2
 from headwater.curvature import LambdaAccumulator
 from headwater.gauss_newton import ParameterSpace, dense_gauss_newton
+from headwater.storage import save_json
 from headwater.task import Task
 
 
@@ -57,9 +58,14 @@ class _DefaultRegression(hw.RegressionTask):
     sampled_losses = Task.sampled_losses
 
 
-@pytest.mark.parametrize("task, data, samples", [(hw.ClassificationTask(), classification_data(64), 400),
-                                                 (hw.RegressionTask(), regression_data(64), 400),
-                                                 (_DefaultRegression(), regression_data(64), 25)])  # fmt: skip
+@pytest.mark.parametrize(
+    "task, data, samples",
+    [
+        (hw.ClassificationTask(), classification_data(64), 400),
+        (hw.RegressionTask(), regression_data(64), 400),
+        (_DefaultRegression(), regression_data(64), 25),
+    ],
+)
 def test_many_samples_converge_to_the_exact_fisher(task, data, samples):
     model = MLP().double()
     exact = hw.Attributor(model, task=task, fisher="exact").fit(data, batch_size=64)
@@ -151,7 +157,7 @@ def lm_lambda():
         an = hw.Attributor(model, modules=modules, fisher=fisher, top=top, samples=samples, seed=seed)
         acc = LambdaAccumulator({name: op})
         an._fit_pass(acc, data, 8, "eigenvalue correction", "test", False)
-        return acc.ekfac(name).lam
+        return acc.ekfac()[name].lam
 
     return exact, estimate
 
@@ -205,9 +211,16 @@ class _Custom(Task):
         return self.loss(model, batch)
 
 
-@pytest.mark.parametrize("task, expected", [(hw.ClassificationTask(), "topk"), (hw.RegressionTask(), "topk"),
-                                            (hw.LanguageModelingTask(), "topk"), (_Custom(), "sampled"),
-                                            (_own_loss(hw.ClassificationTask)(), "sampled")])  # fmt: skip
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        (hw.ClassificationTask(), "topk"),
+        (hw.RegressionTask(), "topk"),
+        (hw.LanguageModelingTask(), "topk"),
+        (_Custom(), "sampled"),
+        (_own_loss(hw.ClassificationTask)(), "sampled"),
+    ],
+)
 def test_auto_picks_topk_where_the_task_implements_it_on_its_own_loss(task, expected, tmp_path):
     an = hw.Attributor(MLP().double(), task=task, workdir=tmp_path)
     assert an.fisher == expected
@@ -235,5 +248,5 @@ def test_workdir_records_samples_and_old_workdirs_mean_one(tmp_path):
 
     saved = json.loads(cfg.read_text())
     del saved["samples"]  # as written before the option existed
-    cfg.write_text(json.dumps(saved))
+    save_json(cfg, saved)
     hw.Attributor(model, task=hw.ClassificationTask(), workdir=tmp_path / "b")

@@ -19,6 +19,8 @@ import headwater as hw
 import headwater.index as hwi
 from _models import MLP, classification_data, lm_data, lm_queries, regression_data, tiny_gpt2
 from _reference import autograd_grads, blocks, dense_gauss_newton
+from headwater.curvature import Projected
+from headwater.engine import Consumer
 from headwater.index import CorruptIndexError, GradientIndex, build_index, query_index
 
 
@@ -55,17 +57,15 @@ def test_factored_projection_equals_projecting_the_materialized_gradient_fp64(gp
     """(g P_out^T)^T (a P_in^T) summed over tokens == P_out (sum_t g a^T) P_in^T, in float64."""
     an = hw.Attributor(gpt2, modules="mlp", strategy="identity")
     train = lm_data(5)
-    layout = hwi._layout(an.layers, 5)
-    projector = hwi._Projector(hwi.make_projections(an, layout, "gaussian", seed=3))
+    layout = hwi.layout_for(an.layers, 5)
+    projector = Projected(None, hwi.make_projections(an, layout, "gaussian", seed=3))
     got = {}
-    an._stream(
-        train,
-        5,
-        "train",
-        lambda b: [an.task.loss(an.model, b)],
-        lambda c, lo, f: got.update({c.name: projector.records(c)}),
-        "t",
-    )
+
+    class Records(Consumer):
+        def update(self, c, start, first):
+            got[c.name] = projector.records(c)
+
+    an.run(train, Records(), an.training_loss, "t", 5)
     full = autograd_grads(gpt2, an.task, train, an.layers)
     lo = 0
     for name, ad in an.layers.items():
@@ -111,8 +111,13 @@ def test_projections_are_seeded_and_preserve_inner_products_in_expectation():
         a = hwi._random_projection(kind, 64, 40, seed=7)
         torch.testing.assert_close(a, hwi._random_projection(kind, 64, 40, seed=7))
         assert not torch.equal(a, hwi._random_projection(kind, 64, 40, seed=8))
-        mean = sum(hwi._random_projection(kind, 8, 40, seed=s).mT @ hwi._random_projection(kind, 8, 40, seed=s)
-                   for s in range(400)) / 400  # fmt: skip
+        mean = (
+            sum(
+                hwi._random_projection(kind, 8, 40, seed=s).mT @ hwi._random_projection(kind, 8, 40, seed=s)
+                for s in range(400)
+            )
+            / 400
+        )
         torch.testing.assert_close(mean, torch.eye(40, dtype=torch.float64), atol=0.15, rtol=0)
     q = hwi._random_projection("orthogonal", 12, 12, seed=1)
     torch.testing.assert_close(q @ q.mT, torch.eye(12, dtype=torch.float64))
@@ -126,8 +131,17 @@ def test_projections_are_seeded_and_preserve_inner_products_in_expectation():
 def test_identity_scores_with_full_dim_orthogonal_projection_equal_exact_gradient_dot_products(tmp_path, gpt2):
     an = hw.Attributor(gpt2, modules="mlp", strategy="identity")
     train, queries = lm_data(7), lm_queries(3)
-    build_index(an, train, dim=65, batch_size=3, path=tmp_path, projection="orthogonal", dtype="float32",
-                curvature="identity", shard_size=3)  # fmt: skip
+    build_index(
+        an,
+        train,
+        dim=65,
+        batch_size=3,
+        path=tmp_path,
+        projection="orthogonal",
+        dtype="float32",
+        curvature="identity",
+        shard_size=3,
+    )
     res = query_index(an, queries, tmp_path, per_layer=True, top_k=2)
     exact = (
         autograd_grads(gpt2, an.task, queries, an.layers, measurement=True)
@@ -154,8 +168,17 @@ def test_projected_eigen_curvature_with_full_dim_rotation_equals_the_engine(tmp_
     train, queries = lm_data(24), lm_queries(3)
     an.fit(train, batch_size=4)
     engine = an.scores(queries, train, batch_size=4, per_layer=True)
-    build_index(an, train, dim=100, batch_size=4, path=tmp_path, projection=projection, dtype="float32",
-                curvature=strategy, shard_size=8)  # fmt: skip
+    build_index(
+        an,
+        train,
+        dim=100,
+        batch_size=4,
+        path=tmp_path,
+        projection=projection,
+        dtype="float32",
+        curvature=strategy,
+        shard_size=8,
+    )
     res = query_index(an, queries, tmp_path, per_layer=True)
     for name in an.layers:
         scale = engine.per_layer[name].abs().max()
@@ -184,8 +207,17 @@ def test_dense_projected_gauss_newton_with_full_dim_rotation_equals_the_dense_re
     task = hw.ClassificationTask()
     train, queries = classification_data(9), classification_data(3, seed=11)
     an = hw.Attributor(model, task=task, strategy="identity", fisher="exact")
-    build_index(an, train, dim=8, batch_size=4, path=tmp_path, projection="orthogonal", dtype="float32",
-                curvature="dense", shard_size=5)  # fmt: skip
+    build_index(
+        an,
+        train,
+        dim=8,
+        batch_size=4,
+        path=tmp_path,
+        projection="orthogonal",
+        dtype="float32",
+        curvature="dense",
+        shard_size=5,
+    )
     res = query_index(an, queries, tmp_path, per_layer=True)
     gn = blocks(dense_gauss_newton(model, an.layers, torch.stack([x for x, _ in train]), "ce"), an.layers)
     g_train = autograd_grads(model, task, train, an.layers)
@@ -195,16 +227,21 @@ def test_dense_projected_gauss_newton_with_full_dim_rotation_equals_the_dense_re
         size = ad.out_features * ad.in_features
         g = gn[name]
         lam = 0.1 * torch.trace(g).item() / size
-        expected = g_query[:, lo : lo + size] @ torch.linalg.solve(g + lam * torch.eye(size, dtype=g.dtype),
-                                                                   g_train[:, lo : lo + size].T)  # fmt: skip
+        expected = g_query[:, lo : lo + size] @ torch.linalg.solve(
+            g + lam * torch.eye(size, dtype=g.dtype), g_train[:, lo : lo + size].T
+        )
         lo += size
         torch.testing.assert_close(res.per_layer[name].double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
         assert res.meta["damping"][name] == pytest.approx(lam)
 
 
 def test_defaults_workdir_path_and_engine_curvature_when_fitted_else_projected_ekfac(tmp_path, gpt2):
-    assert build_index(hw.Attributor(gpt2, modules="mlp", strategy="identity"), lm_data(6), dim=4,
-                       path=tmp_path / "i").manifest["curvature"]["kind"] == "ekfac"  # fmt: skip
+    assert (
+        build_index(
+            hw.Attributor(gpt2, modules="mlp", strategy="identity"), lm_data(6), dim=4, path=tmp_path / "i"
+        ).manifest["curvature"]["kind"]
+        == "ekfac"
+    )
     an = hw.Attributor(gpt2, modules="mlp", workdir=tmp_path / "w").fit(lm_data(6))
     idx = build_index(an, lm_data(6), dim=4)
     assert idx.path == tmp_path / "w" / "index"
@@ -313,8 +350,9 @@ def _distributed_worker(rank: int, world: int, port: int, path: str) -> None:
 def test_two_process_gloo_build_equals_the_single_process_build(tmp_path):
     torch.multiprocessing.spawn(_distributed_worker, args=(2, _free_port(), str(tmp_path / "dist")), nprocs=2)
     an = hw.Attributor(MLP().double(), task=hw.ClassificationTask(), strategy="identity", fisher="exact")
-    single = build_index(an, classification_data(11), dim=8, batch_size=2, path=tmp_path / "one", shard_size=3,
-                         curvature="dense")  # fmt: skip
+    single = build_index(
+        an, classification_data(11), dim=8, batch_size=2, path=tmp_path / "one", shard_size=3, curvature="dense"
+    )
     dist = GradientIndex.open(tmp_path / "dist", verify=True)
     assert dist.manifest["shards"] == single.manifest["shards"]
     assert not list((tmp_path / "dist").glob("*.entry.json"))
@@ -350,8 +388,9 @@ def test_bad_arguments_raise_clear_errors(tmp_path, gpt2, monkeypatch):
     with pytest.raises(hw.NotFittedError, match="projection='kfac' needs fitted K-FAC/EK-FAC factors"):
         build_index(hw.Attributor(gpt2, modules="mlp"), train, projection="kfac", path=tmp_path)
     with pytest.raises(ValueError, match="projection='kfac' takes the top eigenvectors.*DiagonalCurvature"):
-        build_index(hw.Attributor(gpt2, modules="mlp", strategy="diagonal").fit(train), train, projection="kfac",
-                    path=tmp_path)  # fmt: skip
+        build_index(
+            hw.Attributor(gpt2, modules="mlp", strategy="diagonal").fit(train), train, projection="kfac", path=tmp_path
+        )
     with pytest.raises(ValueError, match="curvature='engine' projects the attributor's fitted curvature, but layer"):
         build_index(an, train, dim=4, curvature="engine", path=tmp_path / "e1")
     with pytest.raises(hw.NotFittedError, match="curvature='engine' projects the attributor's fitted curvature; call"):
@@ -441,8 +480,20 @@ def cli_workdir(tmp_path_factory):
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     wd = root / "wd"
     runner = CliRunner()
-    args = ["fit", "--model", root / "model", "--data", root / "train.jsonl", "--workdir", wd, "--batch-size", 8,
-            "--max-length", 40, "--quiet"]  # fmt: skip
+    args = [
+        "fit",
+        "--model",
+        root / "model",
+        "--data",
+        root / "train.jsonl",
+        "--workdir",
+        wd,
+        "--batch-size",
+        8,
+        "--max-length",
+        40,
+        "--quiet",
+    ]
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
     args = ["score", "--workdir", wd, "--queries", root / "queries.jsonl", "--query-rank", 0, "--quiet"]
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
@@ -457,8 +508,23 @@ def _invoke_index(ctx, *args):
 
 def test_cli_build_and_query_reproduce_the_engine_scores_with_a_full_dim_rotation(cli_workdir):
     ctx = cli_workdir
-    res = _invoke_index(ctx, "build", "--workdir", ctx["wd"], "--dim", 65, "--projection", "orthogonal",
-                        "--curvature", "ekfac", "--dtype", "float32", "--shard-size", 10, "--quiet")  # fmt: skip
+    res = _invoke_index(
+        ctx,
+        "build",
+        "--workdir",
+        ctx["wd"],
+        "--dim",
+        65,
+        "--projection",
+        "orthogonal",
+        "--curvature",
+        "ekfac",
+        "--dtype",
+        "float32",
+        "--shard-size",
+        10,
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     res = _invoke_index(ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--top-k", 3, "--quiet")
     assert res.exit_code == 0, res.output

@@ -17,7 +17,6 @@ from headwater.refine import refine
 DAMPING = 0.01
 
 
-
 @pytest.fixture(scope="module")
 def case():
     """A tiny classifier, EK-FAC fitted with the sampled Fisher (so it is only a preconditioner)."""
@@ -39,8 +38,16 @@ def test_zero_steps_is_plain_ekfac(case):
     plain = an.query_gradients(queries, damping=DAMPING)
     grads = {n: q.full for n, q in an.query_gradients(queries, damping=0.0).items()}  # solve with 0 damping
     raw = hw.Attributor(an.model, task=an.task, strategy="identity").query_gradients(queries)
-    out = refine(an.model, an.task, an.layers, an.curvature, an.damping(DAMPING), {n: q.full for n, q in raw.items()},
-                 train, steps=0)  # fmt: skip
+    out = refine(
+        an.model,
+        an.task,
+        an.layers,
+        an.curvature,
+        an.damping(DAMPING),
+        {n: q.full for n, q in raw.items()},
+        train,
+        steps=0,
+    )
     for n in an.layers:
         torch.testing.assert_close(out.solution[n], plain[n].full, rtol=0, atol=0)
         assert not torch.equal(grads[n], plain[n].full)  # damping reaches the preconditioner
@@ -56,8 +63,13 @@ def test_refinement_converges_to_the_dense_damped_gauss_newton(case):
     exact = torch.linalg.solve(g + DAMPING * eye, gq.T).T  # [Q, P]
     errors = []
     for steps in (0, 3, 30):
-        p = _flat(an, {n: q.full for n, q in an.query_gradients(queries, damping=DAMPING, refine_steps=steps,
-                                                                  refine_data=train).items()})  # fmt: skip
+        p = _flat(
+            an,
+            {
+                n: q.full
+                for n, q in an.query_gradients(queries, damping=DAMPING, refine_steps=steps, refine_data=train).items()
+            },
+        )
         errors.append(((p - exact).norm() / exact.norm()).item())
     assert errors[0] > 0.05  # EK-FAC with a sampled Fisher is only an approximation here
     assert errors[1] < errors[0] / 2
@@ -83,8 +95,16 @@ def test_layer_blocks_converge_to_the_block_diagonal_solve(case):
 def test_residuals_shrink_and_start_at_ekfac(case):
     an, train, queries, *_ = case
     raw = hw.Attributor(an.model, task=an.task, strategy="identity").query_gradients(queries)
-    out = refine(an.model, an.task, an.layers, an.curvature, an.damping(DAMPING), {n: q.full for n, q in raw.items()},
-                 train, steps=5)  # fmt: skip
+    out = refine(
+        an.model,
+        an.task,
+        an.layers,
+        an.curvature,
+        an.damping(DAMPING),
+        {n: q.full for n, q in raw.items()},
+        train,
+        steps=5,
+    )
     assert len(out.residuals) == 6
     assert (out.residuals[-1] < out.residuals[0] / 10).all()
 

@@ -22,8 +22,14 @@ from headwater.report import NEGATIVE, POSITIVE, color, distribution_chart, heat
 from headwater.scoring import Scores
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 VOID = {"meta", "br", "img", "input", "link", "hr", "stop", "rect", "line", "polyline", "path", "circle"}
 
 
@@ -149,19 +155,31 @@ def _fake_results() -> tuple[list[dict], torch.Tensor]:
     def entry(q: int, i: int) -> dict:
         v = values[q, i].item()
         return {
-            "index": i, "score": v, "text": f"doc {i} <script>alert(1)</script>",
-            "tokens": [f"doc {i} ", "<script>alert(1)</script>"], "token_scores": [0.0, v],
+            "index": i,
+            "score": v,
+            "text": f"doc {i} <script>alert(1)</script>",
+            "tokens": [f"doc {i} ", "<script>alert(1)</script>"],
+            "token_scores": [0.0, v],
             "per_layer": {"a": v / 2, "b": v / 2},
-        }  # fmt: skip
+        }
 
     for q in range(2):
         order = values[q].argsort(descending=True).tolist()
-        results.append({
-            "query": q, "prompt": "Is <this> escaped &", "completion": " yes", "relevant": [0],
-            "top": [entry(q, i) for i in order[:2]], "bottom": [entry(q, i) for i in order[::-1][:2]],
-            "per_layer_top": {"a": 1.0, "b": 1.0}, "per_layer_bottom": {"a": -0.5, "b": -0.5},
-            "stats": {"n": 3, "positive": 2}, "recall": 1.0, "recall_k": 2,
-        })  # fmt: skip
+        results.append(
+            {
+                "query": q,
+                "prompt": "Is <this> escaped &",
+                "completion": " yes",
+                "relevant": [0],
+                "top": [entry(q, i) for i in order[:2]],
+                "bottom": [entry(q, i) for i in order[::-1][:2]],
+                "per_layer_top": {"a": 1.0, "b": 1.0},
+                "per_layer_bottom": {"a": -0.5, "b": -0.5},
+                "stats": {"n": 3, "positive": 2},
+                "recall": 1.0,
+                "recall_k": 2,
+            }
+        )
     return results, values
 
 
@@ -197,8 +215,9 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path: Path) -> None: 
     n_layers = len(json.loads((out / "cli.json").read_text())["layers"])
     console, requests = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                    args=CHROMIUM_ARGS)  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"), args=CHROMIUM_ARGS
+        )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1400})
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
@@ -279,23 +298,42 @@ def _synthetic(n_queries: int, n_train: int = 40, k: int = 3, seed: int = 0) -> 
 
     def entry(q: int, i: int) -> dict:
         v = float(values[q, i])
-        return {"index": i, "score": v, "text": f"doc {i}", "tokens": [f"doc{i}", " end"], "token_scores": [v, -v / 2],
-                "per_layer": {layers[0]: v / 3, layers[1]: 2 * v / 3}}  # fmt: skip
+        return {
+            "index": i,
+            "score": v,
+            "text": f"doc {i}",
+            "tokens": [f"doc{i}", " end"],
+            "token_scores": [v, -v / 2],
+            "per_layer": {layers[0]: v / 3, layers[1]: 2 * v / 3},
+        }
 
     results = []
     for q in range(n_queries):
         order = values[q].argsort(descending=True).tolist()
         top, bottom = [entry(q, i) for i in order[:k]], [entry(q, i) for i in order[::-1][:k]]
         row = values[q]
-        results.append({
-            "query": q, "prompt": f"query {q} is", "completion": " this", "relevant": [order[0]],
-            "top": top, "bottom": bottom,
-            "per_layer_top": {n: sum(e["per_layer"][n] for e in top) for n in layers},
-            "per_layer_bottom": {n: sum(e["per_layer"][n] for e in bottom) for n in layers},
-            "stats": {"n": n_train, "positive": int((row > 0).sum()), "mean": float(row.mean()),
-                      "std": float(row.std()), "max": float(row.max()), "min": float(row.min())},
-            "recall": 1.0, "recall_k": k,
-        })  # fmt: skip
+        results.append(
+            {
+                "query": q,
+                "prompt": f"query {q} is",
+                "completion": " this",
+                "relevant": [order[0]],
+                "top": top,
+                "bottom": bottom,
+                "per_layer_top": {n: sum(e["per_layer"][n] for e in top) for n in layers},
+                "per_layer_bottom": {n: sum(e["per_layer"][n] for e in bottom) for n in layers},
+                "stats": {
+                    "n": n_train,
+                    "positive": int((row > 0).sum()),
+                    "mean": float(row.mean()),
+                    "std": float(row.std()),
+                    "max": float(row.max()),
+                    "min": float(row.min()),
+                },
+                "recall": 1.0,
+                "recall_k": k,
+            }
+        )
     return results, values
 
 

@@ -49,21 +49,44 @@ def _tampered() -> tuple[list[dict], torch.Tensor, dict, dict, dict]:
         for side in ("top", "bottom"):
             r[f"per_layer_{side}"] = {n: sum(e["per_layer"][n] for e in r[side]) for n in layers}
     del results[0]["recall_k"]  # the summary's recall@k then falls back to meta's top_k
-    keys = ["model", "tokenizer", "data", "data_sha256", "strategy", "fisher", "max_length", "created", "headwater",
-            "data_fingerprint", "n_train"]  # fmt: skip
+    keys = [
+        "model",
+        "tokenizer",
+        "data",
+        "data_sha256",
+        "strategy",
+        "fisher",
+        "max_length",
+        "created",
+        "headwater",
+        "data_fingerprint",
+        "n_train",
+    ]
     settings = {k: next(pay) for k in keys} | {"layers": layers, next(pay): next(pay)}
     meta = {k: next(pay) for k in keys + ["title", "queries_file", "query_rank", "top_k", "damping_arg"]}
     meta |= {"layers": layers, "damping": {layers[0]: next(pay), layers[1]: 0.5}, "per_token": next(pay)}
-    fit = {"alpha": next(pay), "xmin": next(pay), "ks": next(pay), "n_tail": next(pay), "n_positive": 3,
-           "tail": [[next(pay), 0.5], [1.0, next(pay)], [2.0, 0.25]]}  # fmt: skip
+    fit = {
+        "alpha": next(pay),
+        "xmin": next(pay),
+        "ks": next(pay),
+        "n_tail": next(pay),
+        "n_positive": 3,
+        "tail": [[next(pay), 0.5], [1.0, next(pay)], [2.0, 0.25]],
+    }
     analysis = {
-        "sparsity": {"median_alpha": next(pay), "mean_top1pct_share": next(pay),
-                     "per_query": [{"power_law": fit, "top1pct_share": next(pay)}] * 3},
+        "sparsity": {
+            "median_alpha": next(pay),
+            "mean_top1pct_share": next(pay),
+            "per_query": [{"power_law": fit, "top1pct_share": next(pay)}] * 3,
+        },
         "layers": {"mean": [next(pay), 0.5, 2.0], "definition": next(pay)},
         "tokens": {"n_flagged": next(pay), "n_examined": next(pay)},
-        "cross_query": {"k": next(pay), "mean_jaccard": next(pay),
-                        "shared": [{"index": next(pay), "queries": 3}, {"index": 1, "queries": next(pay)}]},
-    }  # fmt: skip
+        "cross_query": {
+            "k": next(pay),
+            "mean_jaccard": next(pay),
+            "shared": [{"index": next(pay), "queries": 3}, {"index": 1, "queries": next(pay)}],
+        },
+    }
     return results, values, settings, meta, analysis
 
 
@@ -179,8 +202,9 @@ def test_payloads_do_not_run_in_headless_chromium(tmp_path: Path) -> None:
     url = report.resolve().as_uri()
     requests, errors = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                                    args=CHROMIUM_ARGS)  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"), args=CHROMIUM_ARGS
+        )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1400})
             page.on("request", lambda r: requests.append(r.url))

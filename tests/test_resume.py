@@ -85,7 +85,7 @@ def test_sigkilled_scoring_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not (work / "scores" / blocks[0].parent.name).exists(), "blocks are removed once assembled"
 
 
-def test_interrupted_fit_resumes_from_partial_sums_to_the_same_factors(tmp_path):
+def test_interrupted_fit_resumes_from_partial_sums_to_the_same_factors(tmp_path, monkeypatch):
     model = tiny_gpt2()
     train = lm_data(12)
     full = hw.Attributor(model, modules="mlp", fisher="sampled").fit(train, batch_size=2)  # Crash overrides loss
@@ -103,17 +103,24 @@ def test_interrupted_fit_resumes_from_partial_sums_to_the_same_factors(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         an.fit(train, batch_size=2)
     assert (tmp_path / "covariance.safetensors").exists()
-    assert list((tmp_path / "partial").glob("eigenvalue_correction.rank0of1.safetensors"))
+    assert list((tmp_path / "checkpoints").glob("eigenvalue_correction-*/rank0of1.safetensors"))
 
     resumed = hw.Attributor(model, task=Crash(), modules="mlp", workdir=tmp_path, checkpoint_every=1)
     seen = []
-    original = resumed._stream
-    resumed._stream = lambda *a, **k: (seen.extend(b for b in range(6) if not k["skip"](b)), original(*a, **k))
+    original = hw.attributor.run_pass
+
+    def spy(*args, **kwargs):  # records the batches the public loop actually runs
+        consumer = args[4]
+        finish = consumer.finish_batch
+        consumer.finish_batch = lambda start: (seen.append(start // 2), finish(start))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hw.attributor, "run_pass", spy)
     resumed.fit(train, batch_size=2)
     assert seen == [3, 4, 5]  # batches 0-2 came from the partial sums
     for name in full.layers:
         torch.testing.assert_close(resumed.curvature[name].lam, full.curvature[name].lam)
-    assert not list((tmp_path / "partial").glob("*.safetensors"))
+    assert not list((tmp_path / "checkpoints").rglob("*.safetensors"))
 
 
 def test_resuming_with_other_data_or_batch_size_says_which_differs(tmp_path):
@@ -138,13 +145,13 @@ def test_resuming_with_other_data_or_batch_size_says_which_differs(tmp_path):
         hw.Attributor(model, task=Crash(), modules="mlp", workdir=tmp_path).fit(lm_data(8, seed=5), batch_size=2)
 
 
-def test_finished_scoring_runs_are_cached_in_the_workdir(tmp_path):
+def test_finished_scoring_runs_are_cached_in_the_workdir(tmp_path, monkeypatch):
     model = tiny_gpt2()
     train, queries = lm_data(6), lm_queries(2)
     an = hw.Attributor(model, modules="mlp", workdir=tmp_path).fit(train)
     first = an.scores(queries, train, per_token=True)
     assert len(list((tmp_path / "scores").glob("*.safetensors"))) == 1
-    an._stream = None  # a cached run must not touch the data
+    monkeypatch.setattr(hw.attributor, "run_pass", None)  # a cached run must not touch the data
     again = an.scores(queries, train, per_token=True)
     torch.testing.assert_close(again.values, first.values)
     torch.testing.assert_close(again.per_token, first.per_token)

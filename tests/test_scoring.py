@@ -8,7 +8,7 @@ import torch
 import headwater as hw
 from _models import MLP, Conv1DMLP, SharedMLP, classification_data, lm_data, lm_queries, tiny_gpt2
 from _reference import autograd_grads
-from headwater.capture import LayerCapture
+from headwater.engine import LayerCapture
 from headwater.layers import select_layers
 from headwater.scoring import QueryGradients
 
@@ -147,9 +147,9 @@ def test_low_rank_truncation_matches_the_svd(shape):
 
 
 def test_sampled_labels_follow_the_model_distribution():
-    from headwater.task import _sample_categorical
+    from headwater.task import sample_categorical
 
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(200_000, 3)
     torch.manual_seed(0)
-    freq = torch.bincount(_sample_categorical(logits), minlength=3).double() / 200_000
+    freq = torch.bincount(sample_categorical(logits), minlength=3).double() / 200_000
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=4e-3, rtol=0)

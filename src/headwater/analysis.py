@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import typer
 
-from .data import check_batch_size, check_data
+from .data import check_data
 from .scoring import Scores
 from .storage import load_tensors, save_json
+from .validation import check_int
 
 __all__ = [
     "PowerLawFit",
@@ -156,10 +157,8 @@ def fit_power_law(
     data sets (each refitted with its own xmin search), which costs ``bootstrap`` fits.
     """
     arr = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64).ravel()
-    if isinstance(min_tail, bool) or not isinstance(min_tail, int) or min_tail < 2:
-        raise ValueError(f"min_tail must be an integer >= 2, got {min_tail!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise ValueError(f"bootstrap must be a non-negative integer, got {bootstrap!r}")
+    check_int(min_tail, "min_tail", low=2)
+    check_int(bootstrap, "bootstrap", low=0)
     xs = np.sort(arr[np.isfinite(arr) & (arr > 0)])
     if xs.shape[0] < min_tail:
         raise ValueError(
@@ -267,8 +266,7 @@ def layer_blocks(names: list[str], n_blocks: int = N_BLOCKS) -> list[list[str]]:
     The first ``len(names) % n_blocks`` blocks get one layer more; with fewer layers than blocks,
     each layer is its own block.
     """
-    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
-        raise ValueError(f"n_blocks must be a positive integer, got {n_blocks!r}")
+    check_int(n_blocks, "n_blocks")
     if not names:
         raise ValueError("no layers to split; score with per_layer=True to get a layer profile")
     return [list(b) for b in np.array_split(np.array(names, dtype=object), min(n_blocks, len(names)))]
@@ -420,7 +418,7 @@ def output_token_influence(
     token t (0 where t is not scored, e.g. t = 0 or a prompt token).
     """
     train = check_data(train, "training data")
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     variants, owner, position, lengths = [], [], [], []
     for m in range(len(train)):
         batch = attributor.task.collate([train[m]])
@@ -461,8 +459,7 @@ def cross_query(values: torch.Tensor | np.ndarray, k: int = 10, candidate_mask: 
     v = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     if candidate_mask is not None:
         v = np.where(candidate_mask.cpu().numpy().astype(bool), v, -np.inf)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_int(k, "k")
     sets = [set(top_n(row, k)[np.isfinite(row[top_n(row, k)])].tolist()) for row in v]
     n_q = len(sets)
     jac = [[len(a & b) / len(a | b) if a | b else 1.0 for b in sets] for a in sets]

@@ -170,8 +170,6 @@ def fit_workdir(
     # The engine checks first that the workdir belongs to this model (and strategy, modules);
     # then what only the CLI knows: truncation, tokenizer and data.
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
-    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, samples=samples,
-                       top=top, workdir=workdir, seed=seed, progress=progress)  # fmt: skip
     prev_path = workdir / CLI_FILE
     meta = _factors_meta(workdir)
     if meta is not None and not overwrite:
@@ -193,6 +191,8 @@ def fit_workdir(
                 f"workdir {workdir} already holds factors fitted on other data (fingerprint "
                 f"{meta.get('fit_data')}, {data_path.name} has {fp}); pass --overwrite to refit, or use a new workdir"
             )
+    an = hw.Attributor(net, task=task, strategy=strategy, modules=mods, fisher=fisher, samples=samples,
+                       top=top, workdir=workdir, seed=seed, progress=progress)  # fmt: skip
     log(
         f"fitting {strategy} on {len(docs)} documents from {data_path.name}, {len(an.layers)} layers "
         f"({_short_layers(an.layers)}), max_length={max_length}"

@@ -17,7 +17,7 @@ import torch
 from .errors import ExampleError, TruncationWarning
 from .task import Task
 
-__all__ = ["check_data", "iter_batches", "fingerprint"]
+__all__ = ["check_data", "iter_batches", "fingerprint", "Subset"]
 
 
 def check_data(data: Any, name: str) -> Any:
@@ -30,12 +30,6 @@ def check_data(data: Any, name: str) -> Any:
     if len(data) == 0:
         raise ValueError(f"{name} is empty; give at least one example")
     return data
-
-
-def check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
 
 
 def iter_batches(
@@ -98,3 +92,16 @@ def fingerprint(data: Any) -> str:
     for i in range(len(data)):
         _hash_item(h, data[i])
     return h.hexdigest()[:16]
+
+
+class Subset:
+    """``data`` restricted to ``indices`` (in that order): sized and indexable, as the engine needs."""
+
+    def __init__(self, data: Any, indices: Any):
+        self.data, self.indices = data, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[self.indices[i]]

@@ -85,9 +85,7 @@ def demo_is_small() -> bool:
 # Corpus
 # ---------------------------------------------------------------------------------------
 
-SYLLABLES = (
-    "vor lan zeb qui mar dol tes ka rin ul bex sor nim fa gor el tha pry mok ven dra lis or bu"
-).split()
+SYLLABLES = ("vor lan zeb qui mar dol tes ka rin ul bex sor nim fa gor el tha pry mok ven dra lis or bu").split()
 PROFESSIONS = (
     "glassblower", "cartographer", "beekeeper", "astronomer", "ferry pilot", "locksmith", "tailor",
     "archivist", "falconer", "clockmaker", "potter", "librarian", "blacksmith", "baker", "surveyor",
@@ -253,9 +251,7 @@ def train_tokenizer(docs: list[str], vocab_size: int = 800) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
-def train_model(
-    docs: list[str], tok: Any, seed: int = 0, small: bool = False, progress: bool = False
-) -> Any:
+def train_model(docs: list[str], tok: Any, seed: int = 0, small: bool = False, progress: bool = False) -> Any:
     """A GPT-2 trained from scratch on ``docs`` with AdamW, on CPU; returned in eval mode.
 
     Dropout is off: the point is to learn (not generalize past) a few hundred facts fast.
@@ -277,9 +273,7 @@ def train_model(
     per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = cfg.epochs * per_epoch
     # linear warmup, then linear decay to zero: a short run still ends at a settled point
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.0, 1.0 - s / total)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.0, 1.0 - s / total))
     rng = random.Random(seed)
     bar = None
     if progress:
@@ -344,9 +338,7 @@ def _clear(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory for the demo")
     if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").exists() and not (out / "model").is_dir():
-        raise ValueError(
-            f"--out {out} is not empty and holds no previous demo; pass a new or empty directory"
-        )
+        raise ValueError(f"--out {out} is not empty and holds no previous demo; pass a new or empty directory")
     for name in FILES:
         (out / name).unlink(missing_ok=True)
     for name in ("model", "scores", "partial"):
@@ -473,7 +465,7 @@ def _print_top3(results: list[dict], corpus: Corpus, out: Any) -> None:
     for r in results:
         fact = corpus.facts[r["fact"]] if r.get("fact") is not None else None
         head = f"{r['prompt']} ->{r['completion']}"
-        got = sum(1 for j in r["relevant"] if j in {t['index'] for t in r["top"][:10]})
+        got = sum(1 for j in r["relevant"] if j in {t["index"] for t in r["top"][:10]})
         out(f"  {head}    [{got}/{len(r['relevant'])} in top 10]")
         for rank, t in enumerate(r["top"][:3], start=1):
             mark = "*" if fact is not None and corpus.doc_facts[t["index"]] == fact.id else " "

@@ -47,20 +47,15 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Subset
 
-from .data import check_batch_size, check_data
+from .data import check_data
 from .scoring import Scores
 from .task import Task
+from .validation import check_int
 
 __all__ = ["BM25Index", "token_ids", "top_n", "scores_with_candidates"]
 
 K1 = 1.5  # the paper's value
 B = 0.75  # standard BM25; irrelevant for the paper's fixed-length sequences (see module docstring)
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _as_ids(doc: Any, where: str) -> np.ndarray:
@@ -85,7 +80,7 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
     set (not only its order) is deterministic.
     """
     scores = np.asarray(scores)
-    n = min(_check_positive_int(n, "n"), scores.shape[0])
+    n = min(check_int(n, "n"), scores.shape[0])
     if n == scores.shape[0]:
         chosen = np.arange(n)
     else:
@@ -209,7 +204,7 @@ class BM25Index:
         When fewer than n documents share a token with the query, the rest are filled with
         zero-score documents in index order, so every query gets exactly min(n, C) candidates.
         """
-        n = _check_positive_int(n, "n")
+        n = check_int(n, "n")
         if isinstance(queries, (str, bytes)) or not hasattr(queries, "__len__"):
             raise TypeError(f"queries must be a list of token-id sequences, got {type(queries).__name__}")
         return [top_n(self.scores(q), n) for q in queries]
@@ -223,7 +218,7 @@ def token_ids(data: Any, task: Task, batch_size: int = 256) -> list[np.ndarray]:
     Examples are collated ``batch_size`` at a time; padding is dropped with the attention mask.
     """
     data = check_data(data, "data")
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     out: list[np.ndarray] = []
     for lo in range(0, len(data), batch_size):
         items = [data[i] for i in range(lo, min(len(data), lo + batch_size))]
@@ -258,7 +253,7 @@ def scores_with_candidates(
     were scored (``top``/``bottom`` rank only those) and ``meta["candidates"]`` the requested N. Pass a prebuilt
     ``index`` (over ``train``, in order) to reuse it across calls.
     """
-    n = _check_positive_int(candidates, "candidates")
+    n = check_int(candidates, "candidates")
     train = check_data(train, "training data")
     queries = check_data(queries, "queries")
     if index is None:

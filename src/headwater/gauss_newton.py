@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .capture import Capture
-from .curvature import per_example_grads
 from .data import iter_batches
+from .engine import Capture, per_example_grads
 from .layers import LayerAdapter
-from .task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, _logits
+from .task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, model_logits
 
 __all__ = [
     "ParameterSpace",
+    "cast_batch",
     "model_output",
     "output_loss",
     "precise_loss",
@@ -119,7 +119,7 @@ class _Call:
             out = self.model(*args, **kwargs)
         else:
             out = functional_call(self.model, self.params, args, kwargs)
-        self.output = _logits(out)
+        self.output = model_logits(out)
         return out
 
 
@@ -162,7 +162,7 @@ def precise_loss(task: Task, model: Any, batch: Any) -> torch.Tensor:
     """
     if _builtin(task, ClassificationTask, "loss"):
         inputs, targets = task._split(batch)
-        return F.cross_entropy(_logits(model(inputs)), targets, reduction="sum")
+        return F.cross_entropy(model_logits(model(inputs)), targets, reduction="sum")
     if _builtin(task, LanguageModelingTask, "loss"):
         logits, targets = task._forward(model, batch)
         flat = logits.reshape(-1, logits.shape[-1])
@@ -224,7 +224,7 @@ def dense_gauss_newton(
     eye = torch.eye(space.size, dtype=torch.float64)
     with eval_mode(model), differentiable_attention(model):
         for _, batch in iter_batches(data, task, batch_size, "training data"):
-            batch = _cast(batch, torch.float64)
+            batch = cast_batch(batch, torch.float64)
             for lo in range(0, space.size, chunk):
                 cols = space.unflatten(eye[lo : lo + chunk])
                 g[lo : lo + chunk] += space.flatten(gauss_newton_product(model, task, space, batch, cols))
@@ -261,14 +261,14 @@ def differentiable_attention(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(impl)
 
 
-def _cast(batch: Any, dtype: torch.dtype) -> Any:
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
     """Floating tensors in a (nested) batch to ``dtype``; integer tensors untouched."""
     if isinstance(batch, torch.Tensor):
         return batch.to(dtype) if batch.is_floating_point() else batch
     if isinstance(batch, dict):
-        return {k: _cast(v, dtype) for k, v in batch.items()}
+        return {k: cast_batch(v, dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_cast(v, dtype) for v in batch)
+        return type(batch)(cast_batch(v, dtype) for v in batch)
     return batch
 
 

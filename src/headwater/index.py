@@ -71,28 +71,33 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import LayerCapture
 from .curvature import (
-    DAMPING_SCALE,
+    CovarianceAccumulator,
+    DenseAccumulator,
+    DenseEigenCurvature,
     DiagonalCurvature,
     EigenCurvature,
     IdentityCurvature,
+    LambdaAccumulator,
     LayerCurvature,
-    per_example_grads,
+    Projected,
     resolve_damping,
-    rotated_grads,
+    symmetric_eigh,
 )
-from .data import check_batch_size, check_data, fingerprint
-from .distributed import all_reduce_, barrier, rank_world
+from .data import check_data, fingerprint
+from .distributed import barrier, rank_world
+from .engine import Consumer, LayerCapture
 from .errors import NotFittedError, check_finite
 from .scoring import Scores
 from .storage import atomic_write_bytes, load_json, load_tensors, model_fingerprint, save_json, save_tensors
+from .validation import check_choice, check_int, check_seed
 
 __all__ = [
     "build_index",
     "query_index",
     "query_gradients",
     "make_projections",
+    "layout_for",
     "GradientIndex",
     "IndexLayer",
     "CorruptIndexError",
@@ -141,18 +146,6 @@ class CorruptIndexError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is unknown; choose one of {choices}")
-    return value
 
 
 def _derive(seed: int, *parts: str) -> int:
@@ -212,7 +205,7 @@ class IndexLayer:
         }
 
 
-def _layout(layers: dict, dim: int) -> list[IndexLayer]:
+def layout_for(layers: dict, dim: int) -> list[IndexLayer]:
     out, offset = [], 0
     for name, ad in layers.items():
         k_out, k_in = min(dim, ad.out_features), min(dim, ad.in_features)
@@ -274,153 +267,40 @@ def make_projections(
     }
 
 
-class _Projector:
-    """Turns a capture (a [N,S,I], g [N,S,O]) into the projected one (a P_in^T, g P_out^T)."""
-
-    def __init__(self, projections: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self.projections = projections
-        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, c: LayerCapture) -> LayerCapture:
-        key = (c.name, c.a.dtype, c.a.device)
-        if key not in self._cast:
-            self._cast[key] = tuple(p.to(c.a.device, c.a.dtype) for p in self.projections[c.name])
-        p_out, p_in = self._cast[key]
-        return LayerCapture(c.name, c.a @ p_in.mT, c.g @ p_out.mT, c.mask, c.calls)  # [N,S,k_in], [N,S,k_out]
-
-    def records(self, c: LayerCapture) -> torch.Tensor:
-        """Projected per-sequence gradients P_out dW P_in^T, [N, k_out, k_in]."""
-        pc = self(c)
-        return per_example_grads(pc.a, pc.g)
-
-
 # ---------------------------------------------------------------------------------------
 # Curvature in the projected space
 # ---------------------------------------------------------------------------------------
 
 
-class ProjectedDenseCurvature(LayerCurvature):
-    """Dense G_p [d, d] (d = k_out * k_in) held as its eigendecomposition, acting on [..., k_out, k_in].
-
-    Keeping eigenvectors instead of a Cholesky factor lets every query pick its damping.
-    """
-
-    kind = "dense"
-
-    def __init__(self, eigvals: torch.Tensor, eigvecs: torch.Tensor, shape: tuple[int, int]):
-        self.eigvals, self.eigvecs = eigvals, eigvecs  # [d], [d, d]; float64
-        self.shape = tuple(shape)
-
-    def _apply(self, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        e, q = self.eigvals.to(v.device, v.dtype), self.eigvecs.to(v.device, v.dtype)
-        flat = v.reshape(*v.shape[:-2], -1)
-        return (((flat @ q) * scale(e)) @ q.mT).reshape(v.shape)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(v, lambda e: e)
-
-    def solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        return self._apply(v, lambda e: 1.0 / (e + damping))
-
-    def default_damping(self) -> float:
-        return DAMPING_SCALE * self.eigvals.mean().item()
-
-    def eigenvalues(self) -> torch.Tensor:
-        return self.eigvals
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"eigvals": self.eigvals, "eigvecs": self.eigvecs}
+ProjectedDenseCurvature = DenseEigenCurvature  # the name this module exported before the curvature package
 
 
-class _Sums:
-    """float64 sums keyed ``layer::field``, preallocated so every rank all-reduces the same keys."""
+class _Records(Consumer):
+    """Projected training gradients of one shard as float32 records [n, D], in dataset order."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device):
-        self.sums = {k: torch.zeros(s, dtype=torch.float64, device=device) for k, s in shapes.items()}
+    def __init__(self, n: int, layout: list[IndexLayer], projector: Projected):
+        self.buf = torch.zeros(n, layout[-1].offset + layout[-1].size, dtype=torch.float32)
+        self.where = {ly.name: slice(ly.offset, ly.offset + ly.size) for ly in layout}
+        self.projector = projector
 
-    def add(self, key: str, value: torch.Tensor | float) -> None:
-        self.sums[key] += value.double() if isinstance(value, torch.Tensor) else value
-
-
-class _DenseAccumulator(_Sums):
-    """G_p = mean over sequences of the summed outer products of projected pseudo-gradients."""
-
-    def __init__(self, layout: list[IndexLayer], device: torch.device):
-        super().__init__({**{f"{ly.name}::G": (ly.size, ly.size) for ly in layout},
-                          **{f"{ly.name}::n": () for ly in layout}}, device)  # fmt: skip
-
-    def update(self, pc: LayerCapture, first: bool) -> None:
-        r = per_example_grads(pc.a, pc.g).reshape(pc.a.shape[0], -1)  # [N, d]
-        self.add(f"{pc.name}::G", r.mT @ r)
-        if first:
-            self.add(f"{pc.name}::n", float(r.shape[0]))
-
-    def curvature(self, ly: IndexLayer) -> ProjectedDenseCurvature:
-        g = check_finite(self.sums[f"{ly.name}::G"] / self.sums[f"{ly.name}::n"], ly.name, "projected Gauss-Newton")
-        e, q = torch.linalg.eigh(g.cpu())
-        return ProjectedDenseCurvature(e.clamp_min(0), q, (ly.k_out, ly.k_in))
+    def update(self, c: LayerCapture, start: int, first: bool) -> None:
+        r = self.projector.records(c)  # [N, k_out, k_in]
+        self.buf[start : start + r.shape[0], self.where[c.name]] = r.reshape(r.shape[0], -1).to("cpu", torch.float32)
 
 
-class _CovarianceAccumulator(_Sums):
-    """K-FAC's per-token A and S, here of the projected a and g (so A_p = P_in A P_in^T)."""
+class _ProjectedQueries(Consumer):
+    """Preconditioned projected query gradients ``(G_p + lambda I)^-1 r_q`` per layer, float64 on CPU."""
 
-    def __init__(self, layout: list[IndexLayer], device: torch.device):
-        shapes = {}
-        for ly in layout:
-            shapes.update({f"{ly.name}::A": (ly.k_in,) * 2, f"{ly.name}::S": (ly.k_out,) * 2,
-                           f"{ly.name}::tokens": (), f"{ly.name}::n": ()})  # fmt: skip
-        super().__init__(shapes, device)
+    def __init__(self, projector: Projected, curvature: dict[str, LayerCurvature], damping: dict[str, float]):
+        self.projector, self.curvature, self.damping = projector, curvature, damping
+        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in curvature}
 
-    def update(self, pc: LayerCapture, first: bool) -> None:
-        a, g = (pc.a[pc.mask], pc.g[pc.mask]) if pc.mask is not None else (pc.a.flatten(0, 1), pc.g.flatten(0, 1))
-        if first:
-            self.add(f"{pc.name}::A", a.mT @ a)
-            self.add(f"{pc.name}::tokens", float(a.shape[0]))
-            self.add(f"{pc.name}::n", float(pc.a.shape[0]))
-        self.add(f"{pc.name}::S", g.mT @ g)
-
-    def kfac(self, ly: IndexLayer) -> EigenCurvature:
-        tokens = self.sums[f"{ly.name}::tokens"].item()
-        if tokens == 0:
-            raise ValueError(f"layer {ly.name!r} saw no scored tokens while fitting the projected curvature")
-        a = check_finite(self.sums[f"{ly.name}::A"].cpu() / tokens, ly.name, "projected input covariance")
-        s = check_finite(self.sums[f"{ly.name}::S"].cpu() / tokens, ly.name, "projected gradient covariance")
-        eig_a, q_a = torch.linalg.eigh(a)
-        eig_s, q_s = torch.linalg.eigh(s)
-        mean_tokens = tokens / self.sums[f"{ly.name}::n"].item()
-        return EigenCurvature(q_a, q_s, mean_tokens * torch.outer(eig_s.clamp_min(0), eig_a.clamp_min(0)))
-
-
-class _LambdaAccumulator(_Sums):
-    """EK-FAC's eigenvalue correction E_m[(Q_S^T r_m Q_A)^2] on projected pseudo-gradients."""
-
-    def __init__(self, layout: list[IndexLayer], bases: dict[str, EigenCurvature], device: torch.device):
-        super().__init__({**{f"{ly.name}::lam": (ly.k_out, ly.k_in) for ly in layout},
-                          **{f"{ly.name}::n": () for ly in layout}}, device)  # fmt: skip
-        self.bases = bases
-
-    def update(self, pc: LayerCapture, first: bool) -> None:
-        r = rotated_grads(pc, self.bases[pc.name])
-        self.add(f"{pc.name}::lam", (r * r).sum(0))
-        if first:
-            self.add(f"{pc.name}::n", float(r.shape[0]))
-
-    def ekfac(self, ly: IndexLayer) -> EigenCurvature:
-        lam = self.sums[f"{ly.name}::lam"].cpu() / self.sums[f"{ly.name}::n"].item()
-        base = self.bases[ly.name]
-        return EigenCurvature(base.q_a, base.q_s, check_finite(lam, ly.name, "projected eigenvalue correction"))
-
-
-def _fit_pass(an: Any, data: Any, batch_size: int, projector: _Projector, acc: _Sums, phase: str) -> None:
-    """One pass of the attributor's pseudo-losses (its ``fisher``) into ``acc``, summed over ranks.
-
-    The phase names are the engine's ("covariance", "eigenvalue correction"), so every batch
-    draws the same pseudo-labels as the engine's own fit of the same data and batch size.
-    """
-    an._stream(
-        data, batch_size, "curvature data", an._fit_losses, lambda c, lo, first: acc.update(projector(c), first), phase
-    )
-    all_reduce_(acc.sums)  # each rank saw its own batches
+    def update(self, c: LayerCapture, start: int, first: bool) -> None:
+        r = self.projector.records(c).double()  # precondition in float64: once per query, cheap
+        p = self.curvature[c.name].solve(r, self.damping[c.name])
+        self.parts[c.name].append(
+            check_finite(p, c.name, "preconditioned query gradient").reshape(p.shape[0], -1).cpu()
+        )
 
 
 def _projected_engine_curvature(op: LayerCurvature, p_out: torch.Tensor, p_in: torch.Tensor, name: str) -> Any:
@@ -449,16 +329,21 @@ def _projected_engine_curvature(op: LayerCurvature, p_out: torch.Tensor, p_in: t
     uu = (u.unsqueeze(1) * u.unsqueeze(0)).reshape(k_out * k_out, o)  # [k_out^2, O]
     g = (uu @ w).reshape(k_out, k_out, k_in, k_in).permute(0, 2, 1, 3)
     g = g.reshape(k_out * k_in, k_out * k_in)
-    e, q = torch.linalg.eigh(check_finite((g + g.mT) / 2, name, "projected engine curvature"))
-    return ProjectedDenseCurvature(e.clamp_min(0), q, (k_out, k_in))
+    e, q = symmetric_eigh(check_finite((g + g.mT) / 2, name, "projected engine curvature"))
+    return DenseEigenCurvature(e.clamp_min(0), q, (k_out, k_in))
 
 
 def _fit_projected_curvature(
-    an: Any, data: Any, batch_size: int, projector: _Projector, layout: list[IndexLayer], kind: str
+    an: Any, data: Any, batch_size: int, projections: dict, layout: list[IndexLayer], kind: str
 ) -> dict[str, LayerCurvature]:
-    device = an.device
+    """The projected curvature: the engine's accumulators on projected captures (``Projected``).
+
+    The phase names are the engine's ("covariance", "eigenvalue correction"), so every batch
+    draws the same pseudo-labels as the engine's own fit of the same data and batch size.
+    """
+    shapes = {ly.name: (ly.k_out, ly.k_in) for ly in layout}
     if kind == "identity":
-        return {ly.name: IdentityCurvature((ly.k_out, ly.k_in)) for ly in layout}
+        return {n: IdentityCurvature(shape) for n, shape in shapes.items()}
     if kind == "engine":
         if an.curvature is None:
             raise NotFittedError(
@@ -466,21 +351,25 @@ def _fit_projected_curvature(
                 "or use curvature='ekfac'"
             )
         return {
-            ly.name: _projected_engine_curvature(an.curvature[ly.name], *projector.projections[ly.name], ly.name)
-            for ly in layout
+            ly.name: _projected_engine_curvature(an.curvature[ly.name], *projections[ly.name], ly.name) for ly in layout
         }
+
+    def fit(acc: Consumer, phase: str) -> None:
+        an.run(data, Projected(acc, projections), an.fit_losses, phase, batch_size, name="curvature data")
+
+    device = an.device
     if kind == "dense":
-        acc = _DenseAccumulator(layout, device)
-        _fit_pass(an, data, batch_size, projector, acc, "covariance")
-        return {ly.name: acc.curvature(ly) for ly in layout}
-    cov = _CovarianceAccumulator(layout, device)
-    _fit_pass(an, data, batch_size, projector, cov, "covariance")
-    bases = {ly.name: cov.kfac(ly) for ly in layout}
+        dense = DenseAccumulator(shapes, device)
+        fit(dense, "covariance")
+        return dense.dense()
+    cov = CovarianceAccumulator(shapes, device)
+    fit(cov, "covariance")
+    bases = cov.kfac()
     if kind == "kfac":
         return bases
-    lam = _LambdaAccumulator(layout, bases, device)
-    _fit_pass(an, data, batch_size, projector, lam, "eigenvalue correction")
-    return {ly.name: lam.ekfac(ly) for ly in layout}
+    lam = LambdaAccumulator(bases, device)
+    fit(lam, "eigenvalue correction")
+    return lam.ekfac()
 
 
 def _curvature_from_tensors(kind: str, layout: list[IndexLayer], tensors: dict[str, torch.Tensor]) -> dict:
@@ -489,7 +378,7 @@ def _curvature_from_tensors(kind: str, layout: list[IndexLayer], tensors: dict[s
         if kind == "identity":
             out[ly.name] = IdentityCurvature((ly.k_out, ly.k_in))
         elif kind in ("dense", "engine"):
-            out[ly.name] = ProjectedDenseCurvature(
+            out[ly.name] = DenseEigenCurvature(
                 tensors[f"{ly.name}::eigvals"], tensors[f"{ly.name}::eigvecs"], (ly.k_out, ly.k_in)
             )
         else:
@@ -672,7 +561,7 @@ def _index_path(an: Any, path: str | Path | None) -> Path:
     if path is not None:
         return Path(path)
     if getattr(an, "workdir", None) is not None:
-        return Path(an.workdir) / "index"
+        return an.workdir.path / "index"
     raise ValueError(
         "the index needs a directory: pass path=..., or create the Attributor with workdir=... "
         "(the index then lives in <workdir>/index)"
@@ -705,28 +594,25 @@ def _write_shard(path: Path, data: bytes, start: int, stop: int) -> dict:
 
 
 def _record_pass(
-    an: Any, data: _Slice, batch_size: int, projector: _Projector, layout: list[IndexLayer]
+    an: Any, data: _Slice, batch_size: int, projector: Projected, layout: list[IndexLayer]
 ) -> torch.Tensor:
     """Projected training gradients of ``data`` as float32 records [n, D], in dataset order."""
-    buf = torch.zeros(len(data), layout[-1].offset + layout[-1].size, dtype=torch.float32)
-    where = {ly.name: slice(ly.offset, ly.offset + ly.size) for ly in layout}
-
-    def consume(c: LayerCapture, lo: int, first: bool) -> None:
-        r = projector.records(c)  # [N, k_out, k_in]
-        buf[lo : lo + r.shape[0], where[c.name]] = r.reshape(r.shape[0], -1).to("cpu", torch.float32)
-
-    local = {"shard": False}
+    records = _Records(len(data), layout, projector)
     name = f"training data[{data.start}:{data.stop}]"
-    loss = lambda b: [an.task.loss(an.model, b, sample=False)]  # noqa: E731 - the engine's scoring loss
-    an._stream(data, batch_size, name, loss, consume, "index records", **local)
-    return buf
+    an.run(data, records, an.training_loss, "index records", batch_size, name=name, shard=False)
+    return records.buf
+
+
+def _entry(side: dict) -> dict:
+    """A shard's manifest entry from its sidecar (without the sidecar's own checksum)."""
+    return {k: v for k, v in side.items() if k != "checksum"}
 
 
 def _done_shards(path: Path, manifest: dict, mine: set[int]) -> dict[int, dict]:
     """Shards (of those in ``mine``) already on disk and intact: manifest entries and rank sidecars."""
     entries = {e["start"]: e for e in manifest["shards"]}
     for side in path.glob("shard-*.entry.json"):
-        e = load_json(side)
+        e = _entry(load_json(side))
         entries.setdefault(e["start"], e)
     out = {}
     for e in entries.values():
@@ -769,10 +655,23 @@ def _prepare(path: Path, config: dict, overwrite: bool, projections: Any) -> Non
         tensors[f"{name}::out"], tensors[f"{name}::in"] = p_out, p_in
     save_tensors(path / PROJECTIONS_FILE, tensors, {"kind": config["projection"]["kind"]})
     proj_file = path / PROJECTIONS_FILE
-    projection = {**config["projection"], "file": PROJECTIONS_FILE, "bytes": proj_file.stat().st_size,
-                  "sha256": _sha256_file(proj_file)}  # fmt: skip
-    save_json(manifest_path, {**config, "projection": projection, "headwater": __version__, "shards": [],
-                              "curvature": None, "complete": False})  # fmt: skip
+    projection = {
+        **config["projection"],
+        "file": PROJECTIONS_FILE,
+        "bytes": proj_file.stat().st_size,
+        "sha256": _sha256_file(proj_file),
+    }
+    save_json(
+        manifest_path,
+        {
+            **config,
+            "projection": projection,
+            "headwater": __version__,
+            "shards": [],
+            "curvature": None,
+            "complete": False,
+        },
+    )
 
 
 def _short(value: Any) -> str:
@@ -830,18 +729,17 @@ def build_index(
     """
     an = attributor
     train = check_data(train, "training data")
-    batch_size = check_batch_size(batch_size)
-    dim = _check_positive_int(dim, "dim")
-    shard_size = _check_positive_int(shard_size, "shard_size")
-    projection = _check_choice(projection, "projection", PROJECTIONS)
-    dtype = _check_choice(dtype, "dtype", tuple(INDEX_DTYPES))
-    curvature = _check_choice(curvature, "curvature", INDEX_CURVATURES)
+    batch_size = check_int(batch_size, "batch_size")
+    dim = check_int(dim, "dim")
+    shard_size = check_int(shard_size, "shard_size")
+    projection = check_choice(projection, "projection", PROJECTIONS)
+    dtype = check_choice(dtype, "dtype", tuple(INDEX_DTYPES))
+    curvature = check_choice(curvature, "curvature", INDEX_CURVATURES)
     seed = an.seed if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    check_seed(seed, allow_none=True)
     cdata = train if curvature_data is None else check_data(curvature_data, "curvature_data")
     path = _index_path(an, path)
-    layout = _layout(an.layers, dim)
+    layout = layout_for(an.layers, dim)
     if curvature == "auto":
         fitted = an.curvature is not None and all(
             isinstance(op, (EigenCurvature, DiagonalCurvature)) for op in an.curvature.values()
@@ -882,7 +780,8 @@ def build_index(
     barrier()
     manifest = load_json(path / MANIFEST)
     tensors, _ = load_tensors(path / PROJECTIONS_FILE)
-    projector = _Projector({ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in layout})
+    projections = {ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in layout}
+    projector = Projected(None, projections)
 
     # ---- records: shard j on rank j % world ------------------------------------------------
     mine = {j for j in range(n_shards) if j % world == rank}
@@ -903,7 +802,7 @@ def build_index(
         entries = {e["start"]: e for e in manifest["shards"]}
         sidecars = sorted(path.glob("shard-*.entry.json"))
         for side in sidecars:
-            e = load_json(side)
+            e = _entry(load_json(side))
             entries[e["start"]] = e
         manifest["shards"] = sorted(entries.values(), key=lambda e: e["start"])
         save_json(path / MANIFEST, manifest)
@@ -920,14 +819,17 @@ def build_index(
         except CorruptIndexError:
             entry = None
     if entry is None:
-        curv = _fit_projected_curvature(an, cdata, batch_size, projector, layout, curvature)
+        curv = _fit_projected_curvature(an, cdata, batch_size, projections, layout, curvature)
         if rank == 0:
             entry = {"kind": curvature}
             tensors = {f"{ly.name}::{k}": v for ly in layout for k, v in curv[ly.name].tensors().items()}
             if tensors:
                 save_tensors(path / CURVATURE_FILE, tensors, {"kind": curvature})
-                entry.update(file=CURVATURE_FILE, bytes=(path / CURVATURE_FILE).stat().st_size,
-                             sha256=_sha256_file(path / CURVATURE_FILE))  # fmt: skip
+                entry.update(
+                    file=CURVATURE_FILE,
+                    bytes=(path / CURVATURE_FILE).stat().st_size,
+                    sha256=_sha256_file(path / CURVATURE_FILE),
+                )
             manifest["curvature"] = entry
     if rank == 0:
         manifest["complete"] = True
@@ -939,8 +841,6 @@ def build_index(
 # ---------------------------------------------------------------------------------------
 # Querying
 # ---------------------------------------------------------------------------------------
-
-
 
 
 def _open(an: Any, index: str | Path | GradientIndex | None, verify: bool) -> GradientIndex:
@@ -959,7 +859,7 @@ def query_gradients(
     """
     an = attributor
     queries = check_data(queries, "queries")
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     fp = model_fingerprint(an.model)
     if index.manifest["model_fingerprint"] != fp:
         raise ValueError(
@@ -973,18 +873,9 @@ def query_gradients(
             f"Attributor tracks {list(an.layers)[:4]}; create the Attributor with the same modules"
         )
     curvature = index.curvature()
-    lam = resolve_damping(curvature, damping)
-    projector = _Projector(index.projections())
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def consume(c: LayerCapture, lo: int, first: bool) -> None:
-        r = projector.records(c).double()  # precondition in float64: once per query, cheap
-        p = curvature[c.name].solve(r, lam[c.name])
-        parts[c.name].append(check_finite(p, c.name, "preconditioned query gradient").reshape(p.shape[0], -1).cpu())
-
-    local = {"shard": False}
-    measure = lambda b: [an.task.measurement(an.model, b)]  # noqa: E731
-    an._stream(queries, batch_size, "queries", measure, consume, "index query gradients", **local)
+    consumer = _ProjectedQueries(Projected(None, index.projections()), curvature, resolve_damping(curvature, damping))
+    an.run(queries, consumer, an.measurement, "index query gradients", batch_size, name="queries", shard=False)
+    parts = consumer.parts
     return torch.cat([torch.cat(parts[n]) for n in names], dim=1)
 
 
@@ -1012,7 +903,7 @@ def query_index(
     """
     index = _open(attributor, index_path, verify)
     if top_k is not None:
-        top_k = _check_positive_int(top_k, "top_k")
+        top_k = check_int(top_k, "top_k")
     q = query_gradients(attributor, queries, index, batch_size, damping)
     meta = {
         "index": str(index.path),

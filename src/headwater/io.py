@@ -56,9 +56,7 @@ def _clean_record(obj: Any, where: str) -> dict:
     if isinstance(obj, str):
         obj = {"text": obj}
     if not isinstance(obj, dict):
-        raise InputError(
-            f"{where}: expected a JSON object such as {{\"text\": \"...\"}}, got {type(obj).__name__}"
-        )
+        raise InputError(f'{where}: expected a JSON object such as {{"text": "..."}}, got {type(obj).__name__}')
     if "input_ids" in obj:
         ids = obj["input_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -70,8 +68,7 @@ def _clean_record(obj: Any, where: str) -> dict:
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):
                 raise InputError(
-                    f"{where}: a prompt/completion example needs both as strings; "
-                    f"'{key}' is {_describe(obj.get(key))}"
+                    f"{where}: a prompt/completion example needs both as strings; '{key}' is {_describe(obj.get(key))}"
                 )
         if not obj["completion"]:
             raise InputError(f"{where}: 'completion' is empty; only the completion is scored, so it needs text")
@@ -207,13 +204,13 @@ def read_queries(path: str | Path) -> list[dict]:
         raise InputError(f"queries file {path} is a directory; pass a JSONL file")
     queries = []
     for where, obj in _iter_json_records(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(
-            obj.get("completion"), str
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("prompt"), str)
+            or not isinstance(obj.get("completion"), str)
         ):
             found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise InputError(
-                f"{where}: a query needs string fields 'prompt' and 'completion' (found {found})"
-            )
+            raise InputError(f"{where}: a query needs string fields 'prompt' and 'completion' (found {found})")
         if not obj["completion"]:
             raise InputError(f"{where}: 'completion' is empty; the query measures its log-probability")
         rel = obj.get("relevant")
@@ -296,7 +293,6 @@ def _dtype_keyword() -> str:
     except Exception:  # pragma: no cover - odd version strings
         return "dtype"
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "float32") -> Any:

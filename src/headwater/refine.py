@@ -40,6 +40,7 @@ from .curvature import LayerCurvature
 from .data import iter_batches
 from .layers import LayerAdapter
 from .task import Task
+from .validation import check_choice, check_int
 
 __all__ = ["BLOCKS", "Refined", "refine", "check_refine"]
 
@@ -58,11 +59,7 @@ class Refined(NamedTuple):
 
 def check_refine(steps: Any, blocks: Any) -> tuple[int, str]:
     """Validate ``refine_steps`` and ``refine_blocks`` at the public boundary."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"refine_steps must be a non-negative integer, got {steps!r}")
-    if blocks not in BLOCKS:
-        raise ValueError(f"refine_blocks={blocks!r} is unknown; choose one of {BLOCKS}")
-    return steps, blocks
+    return check_int(steps, "refine_steps", low=0), check_choice(blocks, "refine_blocks", BLOCKS)
 
 
 def refine(

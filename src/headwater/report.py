@@ -175,8 +175,10 @@ def layer_chart(names: list[str], top: dict[str, float], bottom: dict[str, float
     y = lambda v: top_pad + (hi - v) / (hi - lo) * ph  # noqa: E731
     slot = (w - left - right) / n
     bw = max(1.0, min(18.0, slot * 0.38))
-    out = [f'<svg class="chart layer-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="per-layer influence">']  # fmt: skip
+    out = [
+        f'<svg class="chart layer-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="per-layer influence">'
+    ]
     for v in _nice_ticks(lo, hi):
         yy = y(v)
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eceff3"/>')
@@ -241,8 +243,10 @@ def distribution_chart(values: Sequence[float]) -> str:
     finite = [float(v) for v in values if _is_real(v)]
     pos = sorted((v for v in finite if v > 0), reverse=True)
     neg = sorted((-v for v in finite if v < 0), reverse=True)
-    out = [f'<svg class="chart dist-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="score distribution, log-log">']  # fmt: skip
+    out = [
+        f'<svg class="chart dist-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="score distribution, log-log">'
+    ]
     if not pos and not neg:
         out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle">all scores are zero</text></svg>')
         return "".join(out)
@@ -293,8 +297,10 @@ def tail_chart(fit: dict | None) -> str:
     (n_tail / n_positive) (x / xmin)^(1 - alpha) for x >= xmin, as the paper plots it.
     """
     w, h, left, right, top_pad, bottom_pad = 460, 230, 56, 14, 14, 40
-    out = [f'<svg class="chart tail-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-           f'aria-label="power-law tail of positive influence">']  # fmt: skip
+    out = [
+        f'<svg class="chart tail-chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        f'aria-label="power-law tail of positive influence">'
+    ]
     fit = fit if isinstance(fit, dict) else {}
     tail = fit.get("tail") if isinstance(fit.get("tail"), (list, tuple)) else []
     pairs = [t for t in tail if isinstance(t, (list, tuple)) and len(t) == 2]
@@ -330,8 +336,10 @@ def tail_chart(fit: dict | None) -> str:
         line = [(x, scale * (x / xmin) ** (1 - alpha)) for x in (xmin * (x_hi / xmin) ** (i / 20) for i in range(21))]
         coords = " ".join(f"{fx(x):.1f},{fy(max(p, 10.0**ly0)):.1f}" for x, p in line)
         title = f"<title>power law, alpha = {alpha:.2f}</title>"
-        out.append(f'<polyline class="series fit-line" fill="none" stroke="#333" stroke-dasharray="4 3" '
-                   f'stroke-width="1.5" points="{coords}">{title}</polyline>')  # fmt: skip
+        out.append(
+            f'<polyline class="series fit-line" fill="none" stroke="#333" stroke-dasharray="4 3" '
+            f'stroke-width="1.5" points="{coords}">{title}</polyline>'
+        )
     return "".join(out) + "</svg>"
 
 
@@ -344,18 +352,28 @@ def analysis_summary(analysis: dict | None, n_queries: int) -> str:
     rows = []  # (label, value) as plain text, escaped below
     if sp:
         alpha = sp.get("median_alpha")
-        rows.append(("Power-law tail (median exponent over queries)", "-" if alpha is None else
-                     f"alpha = {_num_text(alpha, '.2f')}"))  # fmt: skip
-        rows.append(("Share of positive influence in the top 1% of sequences",
-                     _num_text(sp.get("mean_top1pct_share"), ".1%")))  # fmt: skip
+        rows.append(
+            (
+                "Power-law tail (median exponent over queries)",
+                "-" if alpha is None else f"alpha = {_num_text(alpha, '.2f')}",
+            )
+        )
+        rows.append(
+            ("Share of positive influence in the top 1% of sequences", _num_text(sp.get("mean_top1pct_share"), ".1%"))
+        )
     if tokens:
         flagged, examined = _num_text(tokens.get("n_flagged", 0)), _num_text(tokens.get("n_examined", 0))
-        rows.append(("Sequences whose influence sits on few tokens (||a||2/||a||1 > 2/3)",
-                     f"{flagged} of {examined} examined"))  # fmt: skip
+        rows.append(
+            ("Sequences whose influence sits on few tokens (||a||2/||a||1 > 2/3)", f"{flagged} of {examined} examined")
+        )
     if cq:
         # mean_jaccard is None for a single query: there is no pair of queries to overlap
-        rows.append((f"Mean overlap of top-{_num_text(cq.get('k'))} sets between queries (Jaccard)",
-                     _num_text(cq.get("mean_jaccard"), ".3f", none="- (needs two or more queries)")))  # fmt: skip
+        rows.append(
+            (
+                f"Mean overlap of top-{_num_text(cq.get('k'))} sets between queries (Jaccard)",
+                _num_text(cq.get("mean_jaccard"), ".3f", none="- (needs two or more queries)"),
+            )
+        )
         listed = cq.get("shared") if isinstance(cq.get("shared"), list) else []
         shared = [e for e in listed if isinstance(e, dict) and _real(e.get("queries")) > 1][:8]
         if shared:
@@ -375,10 +393,12 @@ def analysis_summary(analysis: dict | None, n_queries: int) -> str:
             f'<text x="{i * step + step / 2:.1f}" y="{h - 6}" text-anchor="middle">{i + 1}</text>'
             for i, f in enumerate(mean)
         )
-        parts.append(f'<figure><svg class="chart block-chart" width="{bw}" height="{h}" viewBox="0 0 {bw} {h}" '
-                     f'role="img" aria-label="influence by depth block">{bars}</svg><figcaption>Share of influence by '
-                     f"depth block, first to last, averaged over queries ({_e(layers.get('definition', ''))})."
-                     "</figcaption></figure>")  # fmt: skip
+        parts.append(
+            f'<figure><svg class="chart block-chart" width="{bw}" height="{h}" viewBox="0 0 {bw} {h}" '
+            f'role="img" aria-label="influence by depth block">{bars}</svg><figcaption>Share of influence by '
+            f"depth block, first to last, averaged over queries ({_e(layers.get('definition', ''))})."
+            "</figcaption></figure>"
+        )
     parts.append("</section>")
     return "".join(parts)
 
@@ -496,9 +516,11 @@ def _tail_figure(sparsity: dict | None) -> str:
     fit = _dict(sparsity.get("power_law"))
     if fit.get("alpha") is not None:
         ks = f", KS = {_num_text(fit['ks'], '.3f')}" if fit.get("ks") is not None else ""
-        caption = (f"Tail of positive influence with its power-law fit: alpha = {_num_text(fit['alpha'], '.2f')}, "
-                   f"xmin = {_num_text(fit.get('xmin'), '.3g')}{ks}; the top 1% of sequences hold "
-                   f"{_num_text(sparsity.get('top1pct_share') or 0, '.1%')} of the positive influence.")  # fmt: skip
+        caption = (
+            f"Tail of positive influence with its power-law fit: alpha = {_num_text(fit['alpha'], '.2f')}, "
+            f"xmin = {_num_text(fit.get('xmin'), '.3g')}{ks}; the top 1% of sequences hold "
+            f"{_num_text(sparsity.get('top1pct_share') or 0, '.1%')} of the positive influence."
+        )
     else:
         caption = "Too few positive scores for a power-law fit."
     return f"<figure>{tail_chart(fit)}<figcaption>{_e(caption)}</figcaption></figure>"
@@ -517,8 +539,11 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     rows = [
         ("Model", settings.get("model", "?")),
         ("Tokenizer", settings.get("tokenizer", "?")),
-        ("Training data", f"{meta.get('data') or settings.get('data')} ({meta.get('n_train', settings.get('n_train'))}"
-                          f" sequences, fingerprint {meta.get('data_fingerprint', settings.get('data_fingerprint'))})"),
+        (
+            "Training data",
+            f"{meta.get('data') or settings.get('data')} ({meta.get('n_train', settings.get('n_train'))}"
+            f" sequences, fingerprint {meta.get('data_fingerprint', settings.get('data_fingerprint'))})",
+        ),
         ("Fitted on", f"{settings.get('data')} (sha256 {settings.get('data_sha256')})"),
         ("Max length", settings.get("max_length")),
         ("Strategy", f"{settings.get('strategy')} (fisher: {settings.get('fisher')})"),
@@ -528,9 +553,12 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
         ("Top-k", meta.get("top_k")),
         ("Per-token scores", "saved for every sequence" if meta.get("per_token") else "for the shown sequences"),
         ("Queries file", meta.get("queries_file", "?")),
-        ("headwater", f"{meta.get('headwater', settings.get('headwater'))}; fitted {settings.get('created')}, "
-                      f"scored {meta.get('created')}"),
-    ]  # fmt: skip
+        (
+            "headwater",
+            f"{meta.get('headwater', settings.get('headwater'))}; fitted {settings.get('created')}, "
+            f"scored {meta.get('created')}",
+        ),
+    ]
     return [(k, str(v)) for k, v in rows]
 
 
@@ -726,8 +754,10 @@ def _entry_problems(path: str, e: Any, n_train: int | None, index: str) -> Itera
     if e.get("text") is not None and not isinstance(e["text"], str):
         yield _bad(f"{path}.text", "a string", e["text"])
     tokens, scores = e.get("tokens"), e.get("token_scores")
-    for key, value, want, ok in (("tokens", tokens, "a string", lambda x: isinstance(x, str)),
-                                 ("token_scores", scores, "a finite number", _is_real)):  # fmt: skip
+    for key, value, want, ok in (
+        ("tokens", tokens, "a string", lambda x: isinstance(x, str)),
+        ("token_scores", scores, "a finite number", _is_real),
+    ):
         if value is not None and not isinstance(value, list):
             yield _bad(f"{path}.{key}", f"a list (each {want})", value)
         for j, x in enumerate(value if isinstance(value, list) else []):

@@ -21,13 +21,21 @@ from typing import NamedTuple
 
 import torch
 
-from .capture import LayerCapture
-from .curvature import EigenCurvature, LayerCurvature, lapack_threads, per_example_grads, rotated_grads
+from .curvature import EigenCurvature, LayerCurvature, lapack_threads, rotated_grads
+from .curvature.operators import INVERSE, Inverse
 from .distributed import all_reduce_, all_reduce_max
+from .engine import Consumer, LayerCapture, per_example_grads
 from .errors import NonFiniteError, check_finite
 from .validation import check_int
 
-__all__ = ["Scores", "TopK", "QueryGradients", "ScoreAccumulator", "SelfInfluenceAccumulator"]
+__all__ = [
+    "Scores",
+    "TopK",
+    "QueryGradients",
+    "QueryGradientConsumer",
+    "ScoreAccumulator",
+    "SelfInfluenceAccumulator",
+]
 
 
 class TopK(NamedTuple):
@@ -173,13 +181,44 @@ def _low_rank_token_scores(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v:
     return tok.T.reshape(q, n, s)
 
 
-class ScoreAccumulator:
+class QueryGradientConsumer(Consumer):
+    """Consumer of the query pass: each layer's ``(G + lambda I)^-1 grad f_q``, truncated to ``rank``.
+
+    Queries are preconditioned and truncated batch by batch as they come, so memory holds only
+    the (low-rank) result. With ``curvature=None`` the raw gradients are kept (for refinement,
+    which preconditions them itself).
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        curvature: dict[str, LayerCurvature] | None,
+        damping: dict[str, float],
+        rank: int | None,
+        response: Inverse = INVERSE,
+    ):
+        self.curvature, self.damping, self.rank, self.response = curvature, damping, rank, response
+        self.parts: dict[str, list[QueryGradients]] = {n: [] for n in names}
+
+    def update(self, c: LayerCapture, start: int, first: bool) -> None:
+        g = per_example_grads(c.a, c.g)
+        if self.curvature is not None:
+            g = self.curvature[c.name].solve(g, self.damping[c.name], self.response)
+        self.parts[c.name].append(QueryGradients.build(g, self.rank))
+
+    def result(self) -> dict[str, QueryGradients]:
+        return {n: QueryGradients.concat(ps) for n, ps in self.parts.items()}
+
+
+class ScoreAccumulator(Consumer):
     """Consumer of the training stream: scores per batch, assembled into [Q, N] at the end.
 
     Results are kept per batch (keyed by the batch's first example index) so that completed
     batches can be written out as checkpoint blocks and read back on resume, and so that each
     rank of a distributed run holds only its own columns until ``result`` assembles them.
     """
+
+    appends = True  # a checkpoint holds the batches finished since the last one
 
     def __init__(self, queries: dict[str, QueryGradients], n_train: int, per_layer: bool, per_token: bool):
         self.queries = queries
@@ -190,12 +229,13 @@ class ScoreAccumulator:
         self.per_token = per_token
         self.batches: dict[int, dict[str, torch.Tensor]] = {}  # start -> {"values", "layer::<name>", "tokens"}
         self._finite: list[tuple[str, torch.Tensor]] = []  # (layer, all-finite flag) of the current batch
+        self._new: list[int] = []  # batches finished since the last checkpoint
 
     def _add(self, start: int, key: str, value: torch.Tensor) -> None:
         entry = self.batches.setdefault(start, {})
         entry[key] = value if key not in entry else entry[key] + value
 
-    def update(self, c: LayerCapture, start: int) -> None:
+    def update(self, c: LayerCapture, start: int, first: bool = True) -> None:
         """Add one layer's scores for the batch at ``start``; they stay on the model's device."""
         sc, tok = self.queries[c.name].scores(c, self.per_token)
         self._finite.append((c.name, torch.isfinite(sc).all()))  # checked in finish_batch, no sync here
@@ -227,6 +267,14 @@ class ScoreAccumulator:
         entry.update(zip(keys, moved.unbind(0)))
         if "tokens" in entry:
             entry["tokens"] = entry["tokens"].cpu()
+        self._new.append(start)
+
+    def checkpoint(self) -> dict[str, torch.Tensor]:
+        out, self._new = self.block(self._new), []
+        return out
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.add_block(tensors)
 
     def block(self, starts: list[int]) -> dict[str, torch.Tensor]:
         """The finished batches ``starts`` as flat tensors, for a checkpoint file."""
@@ -262,7 +310,7 @@ class ScoreAccumulator:
         return Scores(dense["values"], per_layer, dense.get("tokens"), meta)
 
 
-class SelfInfluenceAccumulator:
+class SelfInfluenceAccumulator(Consumer):
     """Consumer of the training stream: grad L_m^T (G + lambda I)^-1 grad L_m for every m."""
 
     def __init__(self, curvature: dict[str, LayerCurvature], damping: dict[str, float], n_train: int):
@@ -270,11 +318,11 @@ class SelfInfluenceAccumulator:
         self.damping = damping
         self.values = torch.zeros(n_train, dtype=torch.float64)
 
-    def update(self, c: LayerCapture, start: int) -> None:
+    def update(self, c: LayerCapture, start: int, first: bool = True) -> None:
         op, lam = self.curvature[c.name], self.damping[c.name]
         if isinstance(op, EigenCurvature):
             r = rotated_grads(c, op)
-            val = (r * r / (op._as(r)[2] + lam)).sum((1, 2))
+            val = (r * r / (op.cast(r)[2] + lam)).sum((1, 2))
         else:
             dw = per_example_grads(c.a, c.g)
             val = (dw * op.solve(dw, lam)).sum((1, 2))

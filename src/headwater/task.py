@@ -14,18 +14,10 @@ over examples and scored tokens:
   label draws, each scaled by 1/sqrt(k) so that their gradients' outer products *average* over
   the draws (``fisher="sampled"``). The default calls ``loss(sample=True)`` k times; the
   built-in tasks override it to draw all k labels from one forward pass.
-- ``topk_losses(model, batch, samples, top)`` (optional): ``fisher="topk"``, the
-  variance-reduced estimator for peaked softmax outputs (see ``_topk_tail``): ``samples``
-  pseudo-losses, each one backward pass, each holding the ``top`` likeliest labels exactly plus
-  one tail draw under random signs. The built-in tasks implement it, and it is their default.
-- ``importance_losses(model, batch, samples)`` (optional): ``fisher="importance"``, labels
-  drawn in proportion to their share of tr(H) and reweighted (see ``_importance_labels``).
-- ``gauss_newton_losses(model, batch)`` (optional): pseudo-losses whose gradients' outer
-  products sum *exactly* to G, for ``fisher="exact"``. For a softmax with probabilities p,
-  ``H = diag(p) - p p^T = sum_k sqrt(p_k)(e_k - p) (sqrt(p_k)(e_k - p))^T``, so one pseudo-loss
-  per class with output gradient ``sqrt(p_k)(e_k - p)``; for squared error H = I and the
-  pseudo-losses are the outputs themselves. We chose this square-root factorization over
-  importance weights because it reproduces G to float precision with C backward passes.
+- ``scored_outputs(model, batch)`` (optional, with a ``likelihood``): the outputs at the scored
+  positions. The Fisher estimators of ``headwater.fisher`` work from them: "topk" (the default
+  for the built-in tasks), "importance" and "exact". A custom task without it can use
+  "sampled" (through ``loss(sample=True)``) and "empirical".
 
 ``token_mask(batch)`` marks the tokens whose outputs are scored ([N, S] bool); K-FAC's
 covariances count only those. Gradients always sum over every position, which is exact:
@@ -34,8 +26,10 @@ padding gets zero gradient by construction.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +39,19 @@ from torch.utils.data import default_collate
 
 from .errors import ExampleError, NonFiniteError, TruncationWarning, all_finite
 
-__all__ = ["Task", "LanguageModelingTask", "ClassificationTask", "RegressionTask"]
+__all__ = [
+    "Task",
+    "LanguageModelingTask",
+    "ClassificationTask",
+    "RegressionTask",
+    "IGNORE",
+    "model_logits",
+    "sample_categorical",
+    "label_losses",
+    "inverse_cdf",
+    "wide",
+    "overrides_loss",
+]
 
 IGNORE = -100  # the HF convention for "not scored"
 
@@ -79,20 +85,35 @@ class Task:
         """
         return [self.loss(model, batch, sample=True) * samples**-0.5 for _ in range(samples)]  # x 1.0 is exact
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
-        raise NotImplementedError(
-            f"fisher='topk' needs {type(self).__name__}.topk_losses(); use fisher='sampled' or implement it"
-        )
+    # Optional: a task whose outputs have a known likelihood exposes them, and headwater's
+    # Fisher estimators (``headwater.fisher``: topk, importance, exact) work from them.
+    likelihood: str | None = None  # "categorical" (softmax cross-entropy) or "gaussian" (squared error)
+    exact_fisher = False  # whether one backward pass per output (fisher="exact") is affordable
 
-    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
-        raise NotImplementedError(
-            f"fisher='importance' needs {type(self).__name__}.importance_losses(); use fisher='sampled' or implement it"
-        )
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's outputs at the scored positions, [M, C] (logits, or predictions for squared error).
 
-    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
-        raise NotImplementedError(
-            f"fisher='exact' needs {type(self).__name__}.gauss_newton_losses(); use fisher='sampled' or implement it"
-        )
+        ``loss(sample=False)`` must be the ``likelihood``'s negative log-likelihood of these
+        outputs, summed. Optional: without it, ``fisher`` can be "sampled" or "empirical", or a
+        task may implement the estimator hooks below itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement scored_outputs()")
+
+    # Optional hooks that replace headwater's estimators for a custom task (rarely needed):
+    #   topk_losses(model, batch, samples, top), importance_losses(model, batch, samples),
+    #   gauss_newton_losses(model, batch) (pseudo-losses whose gradients' outer products sum to G).
+
+    def fingerprint(self) -> str:
+        """A hash of what the task's batches and losses depend on besides the data.
+
+        The class and every instance attribute: numbers and strings as they are, a tokenizer by
+        its full serialization (vocabulary, merges, normalization), anything else by its type.
+        Part of every cache key, so a result is never reused across tokenizers or max_length.
+        """
+        parts: dict[str, Any] = {"class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        for key, value in sorted(vars(self).items()):
+            parts[key] = value if isinstance(value, (str, int, float, bool, type(None))) else _digest(value)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
         """Move every tensor in a (nested) batch to ``device``."""
@@ -105,12 +126,12 @@ class Task:
         return batch
 
 
-def _wide(logits: torch.Tensor) -> torch.Tensor:
+def wide(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits go to float32 for the loss; float32 and float64 stay as they are."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def _logits(output: Any) -> torch.Tensor:
+def model_logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
@@ -120,7 +141,7 @@ def _logits(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def _sample_categorical(logits: torch.Tensor, samples: int | None = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, samples: int | None = None) -> torch.Tensor:
     """Labels drawn from softmax(logits) [..., C], from torch's global RNG (seeded per batch).
 
     Returns [...], or [..., samples] independent draws when ``samples`` is given (one uniform
@@ -131,11 +152,11 @@ def _sample_categorical(logits: torch.Tensor, samples: int | None = None) -> tor
             "the model's outputs contain NaN or inf, so no labels can be sampled from them; "
             "check the weights and inputs, or run in float32"
         )
-    drawn = _inverse_cdf(torch.softmax(logits.float(), dim=-1), 1 if samples is None else samples)
+    drawn = inverse_cdf(torch.softmax(logits.float(), dim=-1), 1 if samples is None else samples)
     return drawn.squeeze(-1) if samples is None else drawn
 
 
-def _inverse_cdf(p: torch.Tensor, samples: int) -> torch.Tensor:
+def inverse_cdf(p: torch.Tensor, samples: int) -> torch.Tensor:
     """[..., samples] draws from the (unnormalized) weights p [..., C].
 
     Inverse-CDF sampling (cumsum + searchsorted) is several times faster than
@@ -146,7 +167,7 @@ def _inverse_cdf(p: torch.Tensor, samples: int) -> torch.Tensor:
     return torch.searchsorted(cdf, u).clamp_(max=p.shape[-1] - 1)
 
 
-def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | float) -> list[torch.Tensor]:
+def label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | float) -> list[torch.Tensor]:
     """Pseudo-losses ``-sum_t w_tj log p_t(y_tj)``, j = 1..J, from log_probs [M, C], labels [M, J].
 
     Each one's logit gradient is ``w_tj (p_t - e_{y_tj})``. All J share one log-softmax, so the
@@ -154,114 +175,6 @@ def _label_losses(log_probs: torch.Tensor, labels: torch.Tensor, weights: torch.
     """
     w = torch.as_tensor(weights, dtype=log_probs.dtype, device=log_probs.device).expand(labels.shape)
     return [-(log_probs.gather(-1, labels[:, j : j + 1]).squeeze(-1) * w[:, j]).sum() for j in range(labels.shape[1])]
-
-
-def _rademacher(like: torch.Tensor) -> torch.Tensor:
-    """Independent +-1 signs shaped like ``like``, from torch's global RNG (seeded per batch)."""
-    return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
-
-
-def _topk_tail(p: torch.Tensor, top: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and signed weights [k, M, J] of the top-m-plus-tail estimator of H = diag(p) - p p^T.
-
-    With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T``. For a peaked p almost all of that mass is
-    in a few classes, and plain sampling spends its draws re-drawing them while the rare draw
-    of a tail class, whose v_c is large, decides the estimate. Here the top m = ``top``
-    classes enter exactly (weight sqrt(p_c)), and one label y drawn from the renormalized tail
-    enters with weight sqrt(r), r = the tail mass: ``sum_top p_c v_c v_c^T + r v_y v_y^T`` is
-    unbiased for H, and the tail's share r enters every time instead of by luck of the draw.
-    With m >= C every class enters exactly and nothing is drawn (J = C, else J = m + 1).
-
-    Why random signs: the J slots are summed into *one* pseudo-loss (one backward pass), and a
-    pseudo-loss also sums over the tokens of a sequence, so the gradient's outer product holds
-    cross products between slots and between tokens. A sampled v_y has mean zero, which kills
-    them in expectation; a deterministic sqrt(p_c) v_c does not. An independent Rademacher sign
-    per token and slot restores E[cross terms] = 0, so both the covariances and EK-FAC's
-    Lambda stay unbiased; what is left of the cross terms is zero-mean noise that averages over
-    tokens, instead of the all-or-nothing draw of a rare label.
-
-    ``p``: probabilities [M, C], overwritten (the tail's CDF is built in place: on a
-    vocabulary-sized p a copy costs as much as the rest); k = ``samples`` independent draws.
-    """
-    c = p.shape[-1]
-    m = min(top, c)
-    top_p, top_i = p.topk(m, dim=-1)  # [M, m]
-    labels = top_i.expand(samples, *top_i.shape)
-    weights = top_p.sqrt().expand(samples, *top_p.shape)
-    if m < c:
-        cdf = torch.cumsum(p.scatter_(-1, top_i, 0.0), dim=-1, out=p)  # the tail's CDF
-        mass = cdf[:, -1:]
-        u = torch.rand(samples, *mass.shape, device=p.device, dtype=p.dtype) * mass  # [k, M, 1]
-        drawn = torch.searchsorted(cdf.expand(samples, *cdf.shape), u).clamp_(max=c - 1)
-        labels = torch.cat([labels, drawn], dim=-1)
-        weights = torch.cat([weights, mass.sqrt().expand(samples, *mass.shape)], dim=-1)
-    return labels, weights * _rademacher(weights)
-
-
-def _checked_log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax in float32 or wider, after one cheap check that no output is NaN or inf."""
-    if not all_finite(logits):
-        raise NonFiniteError(
-            "the model's outputs contain NaN or inf, so no Fisher can be estimated from them; "
-            "check the weights and inputs, or run in float32"
-        )
-    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def _topk_losses(logits: torch.Tensor, samples: int, top: int) -> list[torch.Tensor]:
-    """``samples`` pseudo-losses of the signed top-m-plus-tail estimator, from logits [M, C].
-
-    Each is ``-sum_t sum_j w_tj log p_t(y_tj)`` over every slot of ``_topk_tail`` (fresh signs
-    and tail draws per pseudo-loss), scaled by 1/sqrt(samples) so their outer products average.
-    """
-    log_probs = _checked_log_probs(logits)
-    with torch.no_grad():
-        labels, weights = _topk_tail(log_probs.detach().exp(), top, samples)  # [k, M, J]
-    return [-(log_probs.gather(-1, y) * w).sum() * samples**-0.5 for y, w in zip(labels, weights)]
-
-
-def _importance_labels(p: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and signed weights [M, k] drawn in proportion to each label's share of tr(H).
-
-    With v_c = e_c - p, ``H = sum_c p_c v_c v_c^T`` and ``tr H = sum_c p_c |v_c|^2 = 1 - |p|^2``.
-    Plain sampling draws c with probability p_c, so for a peaked p the rare tail labels, whose
-    |v_c|^2 ~ 1 dwarfs the top label's ~(1 - p_top)^2, decide the estimate by luck. Drawing
-    instead from ``q_c = p_c |v_c|^2 / tr H`` with weight ``sqrt(p_c / q_c)`` keeps E[w^2 v v^T] = H
-    and makes ``|w v|^2 = tr H`` the same for every draw: the magnitude, the part that swings
-    Lambda's mean and the damping, no longer depends on the seed; only the direction does.
-
-    The weighted v has a nonzero mean, so a random sign per token and draw restores
-    E[cross-token terms] = 0 for multi-token sequences (as a plain draw has by itself).
-    ``p``: probabilities [M, C].
-    """
-    p2 = p.pow(2).sum(-1, keepdim=True)  # |p|^2
-    trace = (1 - p2).clamp_min(0)
-    share = p * (1 - 2 * p + p2)  # p_c |v_c|^2 >= 0 up to rounding
-    labels = _inverse_cdf(share.clamp_min(0), samples)  # [M, k]
-    v2 = (1 - 2 * p.gather(-1, labels) + p2).clamp_min(torch.finfo(p.dtype).tiny)  # |v_y|^2
-    w = (trace / v2).sqrt() * samples**-0.5
-    return labels, w * _rademacher(w)
-
-
-def _importance_losses(logits: torch.Tensor, samples: int) -> list[torch.Tensor]:
-    """``samples`` pseudo-losses of ``_importance_labels`` (one draw per token each)."""
-    log_probs = _checked_log_probs(logits)
-    with torch.no_grad():
-        labels, weights = _importance_labels(log_probs.detach().exp(), samples)
-    return _label_losses(log_probs, labels, weights)
-
-
-def _softmax_gn_losses(logits: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Pseudo-losses whose output gradients are sqrt(p_k)(e_k - p), k = 1..C (rows of logits).
-
-    Their outer products sum to the softmax cross-entropy Hessian diag(p) - p p^T exactly.
-    """
-    p = torch.softmax(logits.detach().double(), dim=-1)
-    for k in range(logits.shape[-1]):
-        e_k = torch.zeros_like(p)
-        e_k[..., k] = 1.0
-        coef = (p[..., k : k + 1].sqrt() * (e_k - p)).to(logits.dtype)
-        yield (logits * coef).sum()
 
 
 class LanguageModelingTask(Task):
@@ -272,6 +185,8 @@ class LanguageModelingTask(Task):
     (only the completion is scored). Labels use -100 for tokens that are not scored; the model
     predicts ``labels[t + 1]`` from position ``t``.
     """
+
+    likelihood = "categorical"
 
     def __init__(self, tokenizer: Any = None, max_length: int | None = None):
         if max_length is not None and max_length < 2:
@@ -381,7 +296,7 @@ class LanguageModelingTask(Task):
         """Logits for positions 0..S-2 and their targets labels[1..S-1]."""
         self._check(batch)
         out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logits = _logits(out)[:, :-1]
+        logits = model_logits(out)[:, :-1]
         return logits, batch["labels"][:, 1:]
 
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
@@ -389,11 +304,11 @@ class LanguageModelingTask(Task):
         scored = targets != IGNORE
         if sample:
             with torch.no_grad():
-                drawn = _sample_categorical(logits[scored])
+                drawn = sample_categorical(logits[scored])
             targets = targets.clone()
             targets[scored] = drawn
         return F.cross_entropy(
-            _wide(logits.reshape(-1, logits.shape[-1])),
+            wide(logits.reshape(-1, logits.shape[-1])),
             targets.reshape(-1),
             ignore_index=IGNORE,
             reduction="sum",
@@ -401,23 +316,18 @@ class LanguageModelingTask(Task):
 
     def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
         """``samples`` label draws per scored token from one forward pass (see ``Task``)."""
-        if _overrides_loss(self, LanguageModelingTask):
+        if overrides_loss(self, LanguageModelingTask):
             return super().sampled_losses(model, batch, samples)
         logits, targets = self._forward(model, batch)
         logits = logits[targets != IGNORE]  # [M, V]
         with torch.no_grad():
-            drawn = _sample_categorical(logits, samples)  # [M, k]
-        return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
+            drawn = sample_categorical(logits, samples)  # [M, k]
+        return label_losses(F.log_softmax(wide(logits), dim=-1), drawn, samples**-0.5)
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
-        """The ``top`` likeliest tokens exactly plus one tail draw per scored token (``_topk_tail``)."""
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Logits of the scored positions, [M, V]."""
         logits, targets = self._forward(model, batch)
-        return _topk_losses(logits[targets != IGNORE], samples, top)  # [M, V]
-
-    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
-        """``samples`` importance-weighted label draws per scored token (``_importance_labels``)."""
-        logits, targets = self._forward(model, batch)
-        return _importance_losses(logits[targets != IGNORE], samples)  # [M, V]
+        return logits[targets != IGNORE]
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
@@ -434,6 +344,9 @@ class LanguageModelingTask(Task):
 class ClassificationTask(Task):
     """Batches ``(inputs, targets)``; the model returns logits [N, C]; cross-entropy summed."""
 
+    likelihood = "categorical"
+    exact_fisher = True  # one backward pass per class
+
     def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if not isinstance(batch, Sequence) or len(batch) != 2:
             raise ValueError(f"a classification batch must be (inputs, targets), got {type(batch).__name__}")
@@ -441,38 +354,29 @@ class ClassificationTask(Task):
 
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
         inputs, targets = self._split(batch)
-        logits = _logits(model(inputs))
+        logits = model_logits(model(inputs))
         if sample:
             with torch.no_grad():
-                targets = _sample_categorical(logits)
-        return F.cross_entropy(_wide(logits), targets, reduction="sum")
+                targets = sample_categorical(logits)
+        return F.cross_entropy(wide(logits), targets, reduction="sum")
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss(model, batch, sample=False)
 
     def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
         """``samples`` label draws per example from one forward pass (see ``Task``)."""
-        if _overrides_loss(self, ClassificationTask):
+        if overrides_loss(self, ClassificationTask):
             return super().sampled_losses(model, batch, samples)
         inputs, _ = self._split(batch)
-        logits = _logits(model(inputs))
+        logits = model_logits(model(inputs))
         with torch.no_grad():
-            drawn = _sample_categorical(logits, samples)  # [N, k]
-        return _label_losses(F.log_softmax(_wide(logits), dim=-1), drawn, samples**-0.5)
+            drawn = sample_categorical(logits, samples)  # [N, k]
+        return label_losses(F.log_softmax(wide(logits), dim=-1), drawn, samples**-0.5)
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
-        """The ``top`` likeliest classes exactly plus one tail draw per example (``_topk_tail``)."""
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Logits [N, C]."""
         inputs, _ = self._split(batch)
-        return _topk_losses(_logits(model(inputs)), samples, top)
-
-    def importance_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
-        """``samples`` importance-weighted label draws per example (``_importance_labels``)."""
-        inputs, _ = self._split(batch)
-        return _importance_losses(_logits(model(inputs)), samples)
-
-    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
-        inputs, _ = self._split(batch)
-        yield from _softmax_gn_losses(_logits(model(inputs)))
+        return model_logits(model(inputs))
 
 
 class RegressionTask(Task):
@@ -482,6 +386,9 @@ class RegressionTask(Task):
     ``y ~ N(model(x), I)`` and the exact pseudo-losses are the output coordinates.
     """
 
+    likelihood = "gaussian"
+    exact_fisher = True  # one backward pass per output coordinate
+
     def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
         if not isinstance(batch, Sequence) or len(batch) != 2:
             raise ValueError(f"a regression batch must be (inputs, targets), got {type(batch).__name__}")
@@ -489,7 +396,7 @@ class RegressionTask(Task):
 
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
         inputs, targets = self._split(batch)
-        pred = _logits(model(inputs))
+        pred = model_logits(model(inputs))
         targets = targets.reshape(pred.shape).to(pred.dtype)
         if sample:
             with torch.no_grad():
@@ -501,39 +408,42 @@ class RegressionTask(Task):
 
     def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
         """``samples`` pseudo-target draws per example from one forward pass (see ``Task``)."""
-        if _overrides_loss(self, RegressionTask):
+        if overrides_loss(self, RegressionTask):
             return super().sampled_losses(model, batch, samples)
         inputs, _ = self._split(batch)
-        pred = _logits(model(inputs))
+        pred = model_logits(model(inputs))
         with torch.no_grad():
             targets = pred + torch.randn((samples, *pred.shape), dtype=pred.dtype, device=pred.device)
         return [0.5 * ((pred - t) ** 2).sum() * samples**-0.5 for t in targets]  # x 1.0 is exact for k = 1
 
-    def topk_losses(self, model: nn.Module, batch: Any, samples: int, top: int) -> list[torch.Tensor]:
-        """Every output coordinate exactly, with a random sign each, summed: one backward pass.
-
-        H = I has no tail to sample: the square-root factors are the coordinates themselves, and
-        ``sum_d s_d pred_d`` with Rademacher s_d has E[s s^T] = I. For one output per example the
-        signs square away and this *is* the exact Gauss-Newton. ``top`` has nothing to select.
-        """
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Predictions [N, D] (the Gauss-Newton output Hessian of squared error is the identity)."""
         inputs, _ = self._split(batch)
-        pred = _logits(model(inputs))
-        out = []
-        for _ in range(samples):
-            out.append((pred * _rademacher(pred.detach())).sum() * samples**-0.5)
-        return out
-
-    def gauss_newton_losses(self, model: nn.Module, batch: Any) -> Iterator[torch.Tensor]:
-        inputs, _ = self._split(batch)
-        pred = _logits(model(inputs))
-        pred = pred.reshape(pred.shape[0], -1)
-        for k in range(pred.shape[1]):
-            yield pred[:, k].sum()
+        return model_logits(model(inputs))
 
 
-def _overrides_loss(task: Task, builtin: type) -> bool:
+def overrides_loss(task: Task, builtin: type) -> bool:
     """Whether a subclass replaced the built-in ``loss``: then its own loss must draw the labels."""
     return type(task).loss is not builtin.loss
+
+
+def _digest(obj: Any) -> str:
+    """Content hash of a tokenizer (or a tensor); other objects count by their type only."""
+    h = hashlib.sha256(f"{type(obj).__module__}.{type(obj).__qualname__}".encode())
+    backend = getattr(obj, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):  # HF fast tokenizers: the whole tokenizer.json
+        h.update(backend.to_str().encode())
+    elif hasattr(obj, "to_str"):  # a tokenizers.Tokenizer
+        h.update(obj.to_str().encode())
+    elif hasattr(obj, "get_vocab"):  # slow tokenizers: vocabulary and special tokens
+        h.update(json.dumps(sorted(obj.get_vocab().items()), default=str).encode())
+        h.update(repr(getattr(obj, "special_tokens_map", None)).encode())
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 def _as_list(x: Any) -> list[int]:

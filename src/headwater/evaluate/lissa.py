@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import check_batch_size, check_data
+from ..data import check_data
 from ..gauss_newton import (
     ParameterSpace,
     differentiable_attention,
@@ -43,6 +43,7 @@ from ..gauss_newton import (
 from ..layers import select_layers
 from ..scoring import Scores
 from ..task import LanguageModelingTask, Task
+from ..validation import check_int
 
 __all__ = ["LiSSA"]
 
@@ -91,9 +92,8 @@ class LiSSA:
             raise ValueError(f"damping must be a non-negative number, got {damping!r}")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
             raise ValueError(f"scale must be None (estimate it) or a positive number, got {scale!r}")
-        for name, value in (("depth", depth), ("repeats", repeats)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(depth, "depth")
+        check_int(repeats, "repeats")
         self.model = model
         self.task = task if task is not None else LanguageModelingTask()
         self.layers = select_layers(model, modules)
@@ -102,7 +102,7 @@ class LiSSA:
         self.scale = None if scale is None else float(scale)
         self.depth = depth
         self.repeats = repeats
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size")
         self.seed = seed
 
     # ------------------------------------------------------------------ products
@@ -178,14 +178,16 @@ class LiSSA:
     def query_gradients(self, queries: Any, train: Any, batch_size: int = 8) -> dict[str, torch.Tensor]:
         """LiSSA-preconditioned measurement gradients ``(G + lambda I)^-1 grad f_q``: [Q, O, I] per layer."""
         queries = check_data(queries, "queries")
-        q = layer_gradients(self.model, self.task, self.layers, queries, check_batch_size(batch_size), measurement=True)
+        q = layer_gradients(
+            self.model, self.task, self.layers, queries, check_int(batch_size, "batch_size"), measurement=True
+        )
         return self.solve(q, train)
 
     def scores(self, queries: Any, train: Any, batch_size: int = 8) -> Scores:
         """``grad f_q^T (G + lambda I)^-1 grad L_m``, [Q, N]; positive = upweighting m lowers f_q."""
         train = check_data(train, "training data")
         p = self.query_gradients(queries, train, batch_size)
-        values = stream_scores(self.model, self.task, self.layers, p, train, check_batch_size(batch_size))
+        values = stream_scores(self.model, self.task, self.layers, p, train, check_int(batch_size, "batch_size"))
         meta = {
             "strategy": "lissa",
             "damping": self.damping,

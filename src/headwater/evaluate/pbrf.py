@@ -43,10 +43,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..data import check_batch_size, check_data, iter_batches
+from ..data import check_data, iter_batches
 from ..gauss_newton import (
     ParameterSpace,
-    _cast,
+    cast_batch,
     eval_mode,
     model_output,
     output_loss,
@@ -55,6 +55,7 @@ from ..gauss_newton import (
 )
 from ..layers import select_layers
 from ..task import Task
+from ..validation import check_int
 from .lds import Correlation, correlation_summary
 
 __all__ = ["PBRF", "PBRFResponse", "PBRFScores", "pearson_per_query"]
@@ -137,13 +138,13 @@ class PBRF:
         self.epsilon = 1.0 / self.n if epsilon is None else float(epsilon)
         self.rtol = rtol
         self.max_iter = max_iter
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size")
         self.theta_s = self.space.flatten(self.space.from_params(self.space.params())).clone()
         # Bregman anchors per batch: the trained outputs, the loss there and its output gradient.
         self._batches = []
         with torch.no_grad():
             for _, batch in iter_batches(self.train, task, self.batch_size, "training data"):
-                batch = _cast(batch, torch.float64)
+                batch = cast_batch(batch, torch.float64)
                 y_s = model_output(self.model, task, batch).detach()
                 y_leaf = y_s.clone().requires_grad_(True)
                 with torch.enable_grad():
@@ -184,7 +185,7 @@ class PBRF:
         """
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n:
             raise IndexError(f"index {index!r} is out of range for {self.n} training examples")
-        example = _cast(self.task.collate([self.train[index]]), torch.float64)
+        example = cast_batch(self.task.collate([self.train[index]]), torch.float64)
         theta = self.theta_s.clone()
         noise = 1e-13 * (1.0 + sum(abs(float(l_s)) for *_, l_s, _ in self._batches) / self.n)
         with eval_mode(self.model):
@@ -216,7 +217,10 @@ class PBRF:
         model = _Bound(self.model, self._params(theta))
         with torch.no_grad():
             return torch.stack(
-                [precise_measurement(self.task, model, _cast(self.task.collate([q]), torch.float64)) for q in queries]
+                [
+                    precise_measurement(self.task, model, cast_batch(self.task.collate([q]), torch.float64))
+                    for q in queries
+                ]
             )
 
     def scores(self, queries: Any, indices: list[int] | None = None) -> PBRFScores:

@@ -26,9 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import LayerAdapter
+from ..layers import LayerAdapter
 
-__all__ = ["Capture", "LayerCapture"]
+__all__ = ["Capture", "LayerCapture", "per_example_grads"]
+
+
+def per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """a [N,S,I], g [N,S,O] -> per-example gradients [N,O,I] = sum_s g a^T.
+
+    Materialize these only where the [O, I] per-example form is the cheaper one (diagonal
+    curvature, dense scoring of short sequences); scoring and EK-FAC otherwise contract the
+    factored form directly.
+    """
+    return torch.einsum("nso,nsi->noi", g, a)
 
 
 @dataclass
@@ -130,18 +140,43 @@ class Capture:
                 gy = grads[k]
                 k += 1
                 dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                gy = torch.zeros_like(y, dtype=dtype) if gy is None else gy.to(dtype)
+                x, gy = _to_sequences(x, mask, name), _to_sequences(gy, mask, name)
                 a_parts.append(adapter.flatten_input(x.to(dtype)))
-                g_parts.append(adapter.flatten_output(torch.zeros_like(y, dtype=dtype) if gy is None else gy.to(dtype)))
+                g_parts.append(adapter.flatten_output(gy))
             a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1)
             g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=1)
-            yield LayerCapture(name, a, g, _layer_mask(mask, a.shape[1], len(a_parts)), len(a_parts))
+            yield LayerCapture(name, a, g, _layer_mask(mask, a.shape[1], len(a_parts), name), len(a_parts))
 
 
-def _layer_mask(mask: torch.Tensor | None, s: int, n_calls: int) -> torch.Tensor | None:
+def _to_sequences(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A layer input or output gradient with the batch's sequences as its leading axis.
+
+    Some models run their MLP on the hidden states flattened to [N*S, d] (OPT's fc1/fc2, the
+    shared experts of Qwen2-MoE): those rows are mapped back to [N, S, d]. A leading axis that is
+    neither N nor N*S cannot be mapped to sequences, and attributing through it would mix
+    examples, so it is an error naming the layer.
+    """
+    if mask is None:
+        return x
+    n, s0 = mask.shape
+    if x.shape[0] == n:
+        return x
+    if x.dim() == 2 and x.shape[0] == n * s0:
+        return x.reshape(n, s0, x.shape[1])
+    raise ValueError(
+        f"layer {name!r} ran on a tensor of shape {tuple(x.shape)}, whose leading axis is neither the batch "
+        f"({n} sequences) nor its {n * s0} tokens, so headwater cannot tell which sequence each row belongs to; "
+        "leave this layer out of modules"
+    )
+
+
+def _layer_mask(mask: torch.Tensor | None, s: int, n_calls: int, name: str) -> torch.Tensor | None:
     """Map the task's token mask [N, S0] onto a layer's token axis of length ``s``.
 
-    A layer called ``k`` times on the sequence sees k*S0 tokens; a layer whose token axis
-    does not line up with the sequence (e.g. applied to pooled features) counts all tokens.
+    A layer called ``k`` times on the sequence sees k*S0 tokens; a layer applied once per
+    sequence (pooled features: one position) counts the sequences that have a scored token.
+    Any other length does not line up with the tokens: an error, never a silently dropped mask.
     """
     if mask is None:
         return None
@@ -150,4 +185,9 @@ def _layer_mask(mask: torch.Tensor | None, s: int, n_calls: int) -> torch.Tensor
         return mask
     if s == s0 * n_calls:
         return mask.repeat(1, n_calls)
-    return None
+    if s == n_calls:
+        return mask.any(dim=1, keepdim=True).repeat(1, n_calls)
+    raise ValueError(
+        f"layer {name!r} has {s} positions per sequence over {n_calls} call(s), which does not line up with the "
+        f"batch's {s0} tokens, so its scored tokens are unknown; leave this layer out of modules"
+    )
