@@ -26,9 +26,11 @@ from torch import nn
 
 from . import __version__
 from .curvature import (
+    INVERSE,
     CovarianceAccumulator,
     DiagonalAccumulator,
     IdentityCurvature,
+    Inverse,
     LambdaAccumulator,
     LayerCurvature,
     curvature_from_tensors,
@@ -302,6 +304,7 @@ class Attributor:
         refine_steps: int = 0,
         refine_data: Any = None,
         refine_blocks: str = "full",
+        response: Inverse | None = None,
     ) -> dict[str, QueryGradients]:
         """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer, optionally low-rank.
 
@@ -309,7 +312,8 @@ class Attributor:
         conjugate-gradient steps toward the exact damped Gauss-Newton over ``refine_data``
         (``headwater.refine``), EK-FAC being the preconditioner; ``refine_blocks`` is "full"
         (cross-layer terms of G) or "layer". That holds every query's full gradient in memory
-        and costs n + 1 passes over the data.
+        and costs n + 1 passes over the data. ``response`` replaces the damped inverse by another
+        spectral function of the fitted eigenvalues (see ``curvature.Inverse``).
         """
         queries = check_data(queries, "queries")
         batch_size = check_int(batch_size, "batch_size")
@@ -317,9 +321,15 @@ class Attributor:
         refine_steps, refine_blocks = self._check_refine(refine_steps, refine_blocks)
         if refine_steps and refine_data is None:
             raise ValueError(f"refine_steps={refine_steps} needs refine_data, the data G is taken over (the fit data)")
+        if refine_steps and response is not None:
+            raise ValueError("refine_steps solves (G + lambda I)^-1 exactly; it cannot apply another response")
         curvature, lam = self._require_fitted(), self.damping(damping)
         consumer = QueryGradientConsumer(
-            list(self.layers), None if refine_steps else curvature, lam, None if refine_steps else query_rank
+            list(self.layers),
+            None if refine_steps else curvature,
+            lam,
+            None if refine_steps else query_rank,
+            response or INVERSE,
         )
         self.run(queries, consumer, self.measurement, "query gradients", batch_size, name="queries", shard=False)
         out = consumer.result()
@@ -363,6 +373,7 @@ class Attributor:
         candidates: int | None = None,
         refine_steps: int = 0,
         refine_blocks: str = "full",
+        response: Inverse | None = None,
     ) -> Scores:
         """Influence of every training example on every query: ``Scores.values`` [Q, N].
 
@@ -375,6 +386,7 @@ class Attributor:
         options), so a changed input always recomputes. ``candidates=N`` scores only each
         query's top-N BM25 matches (``headwater.filtering``); ``Scores.mask`` marks them.
         ``refine_steps=n`` refines the query gradients toward the exact damped Gauss-Newton.
+        ``response`` replaces the damped inverse by another spectral function (``curvature.Inverse``).
         """
         refine_steps, refine_blocks = self._check_refine(refine_steps, refine_blocks)
         if candidates is not None and refine_steps:
@@ -392,6 +404,7 @@ class Attributor:
                 query_rank=query_rank,
                 per_layer=per_layer,
                 per_token=per_token,
+                response=response,
             )
         train = check_data(train, "training data")
         batch_size = check_int(batch_size, "batch_size")
@@ -399,6 +412,8 @@ class Attributor:
         meta: dict[str, Any] = {"strategy": self.strategy, "damping": lam, "query_rank": query_rank}
         if refine_steps:
             meta["refine"] = {"steps": refine_steps, "blocks": refine_blocks}
+        if response is not None:
+            meta["response"] = response.spec()
         key = final = None
         if self.workdir is not None:
             spec = {
@@ -413,6 +428,7 @@ class Attributor:
                 "per_token": per_token,
                 "batch_size": batch_size,
                 "refine": [refine_steps, refine_blocks] if refine_steps else None,
+                "response": response.spec() if response is not None else None,
             }
             key = spec_key(spec)
             meta["run"] = {**spec, "id": key}
@@ -420,7 +436,7 @@ class Attributor:
             if final.exists():
                 tensors, saved = load_tensors(final, "cached scores", hint="delete it to recompute")
                 return Scores.from_tensors(tensors, saved)
-        q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks)
+        q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks, response)
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
         ckpt = self.workdir.score_checkpoint(key, self.settings.checkpoint_every) if key else None
         self.run(train, acc, self.training_loss, "scoring", batch_size, checkpoint=ckpt)

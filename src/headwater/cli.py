@@ -100,13 +100,9 @@ def _factors_meta(workdir: Path) -> dict | None:
     path = workdir / "factors.safetensors"
     if not path.exists():
         return None
-    from safetensors import safe_open
+    from .storage import tensors_meta
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("headwater", "{}"))
-    except Exception as e:
-        raise InputError(f"{path} is not a readable safetensors file ({e}); it may be truncated, refit") from e
+    return tensors_meta(path, hint="refit")[0]
 
 
 def attributor_from_settings(settings: dict, net: Any, task: Any, workdir: Path, progress: bool) -> Any:
@@ -542,8 +538,10 @@ def inspect_workdir(workdir: str | Path) -> dict:
     if spath.exists():
         from safetensors import safe_open
 
+        from .storage import tensors_meta
+
+        smeta = tensors_meta(spath)[0]
         with safe_open(str(spath), framework="pt") as f:
-            smeta = json.loads((f.metadata() or {}).get("headwater", "{}"))
             shape = f.get_slice("values").get_shape() if "values" in f.keys() else None
         info["scores"] = {
             "shape": shape,

@@ -72,12 +72,14 @@ import torch
 
 from . import __version__
 from .curvature import (
+    INVERSE,
     CovarianceAccumulator,
     DenseAccumulator,
     DenseEigenCurvature,
     DiagonalCurvature,
     EigenCurvature,
     IdentityCurvature,
+    Inverse,
     LambdaAccumulator,
     LayerCurvature,
     Projected,
@@ -291,13 +293,19 @@ class _Records(Consumer):
 class _ProjectedQueries(Consumer):
     """Preconditioned projected query gradients ``(G_p + lambda I)^-1 r_q`` per layer, float64 on CPU."""
 
-    def __init__(self, projector: Projected, curvature: dict[str, LayerCurvature], damping: dict[str, float]):
-        self.projector, self.curvature, self.damping = projector, curvature, damping
+    def __init__(
+        self,
+        projector: Projected,
+        curvature: dict[str, LayerCurvature],
+        damping: dict[str, float],
+        response: Inverse = INVERSE,
+    ):
+        self.projector, self.curvature, self.damping, self.response = projector, curvature, damping, response
         self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in curvature}
 
     def update(self, c: LayerCapture, start: int, first: bool) -> None:
         r = self.projector.records(c).double()  # precondition in float64: once per query, cheap
-        p = self.curvature[c.name].solve(r, self.damping[c.name])
+        p = self.curvature[c.name].solve(r, self.damping[c.name], self.response)
         self.parts[c.name].append(
             check_finite(p, c.name, "preconditioned query gradient").reshape(p.shape[0], -1).cpu()
         )
@@ -850,7 +858,12 @@ def _open(an: Any, index: str | Path | GradientIndex | None, verify: bool) -> Gr
 
 
 def query_gradients(
-    attributor: Any, queries: Any, index: GradientIndex, batch_size: int = 8, damping: float | None = None
+    attributor: Any,
+    queries: Any,
+    index: GradientIndex,
+    batch_size: int = 8,
+    damping: float | None = None,
+    response: Inverse | None = None,
 ) -> torch.Tensor:
     """Preconditioned projected query gradients ``(G_p + lambda I)^-1 r_q``, float64 [Q, D].
 
@@ -873,7 +886,8 @@ def query_gradients(
             f"Attributor tracks {list(an.layers)[:4]}; create the Attributor with the same modules"
         )
     curvature = index.curvature()
-    consumer = _ProjectedQueries(Projected(None, index.projections()), curvature, resolve_damping(curvature, damping))
+    lam = resolve_damping(curvature, damping)
+    consumer = _ProjectedQueries(Projected(None, index.projections()), curvature, lam, response or INVERSE)
     an.run(queries, consumer, an.measurement, "index query gradients", batch_size, name="queries", shard=False)
     parts = consumer.parts
     return torch.cat([torch.cat(parts[n]) for n in names], dim=1)
@@ -889,6 +903,7 @@ def query_index(
     per_layer: bool = False,
     verify: bool = True,
     use_faiss: bool = False,
+    response: Inverse | None = None,
 ) -> Scores:
     """Influence of every indexed training sequence on every query, from the index alone.
 
@@ -904,7 +919,7 @@ def query_index(
     index = _open(attributor, index_path, verify)
     if top_k is not None:
         top_k = check_int(top_k, "top_k")
-    q = query_gradients(attributor, queries, index, batch_size, damping)
+    q = query_gradients(attributor, queries, index, batch_size, damping, response)
     meta = {
         "index": str(index.path),
         "projection": index.manifest["projection"]["kind"],

@@ -47,8 +47,9 @@ __all__ = [
 
 SCHEMA_VERSION = 2  # 2: every artifact carries a checksum
 CHECKSUM = "xxh3-128"
+# One metadata entry holding {"meta": <metadata JSON>, "checksum": ...}: safetensors writes its
+# metadata map in hash order, so two entries would make the file's bytes differ run to run.
 _META_KEY = "headwater"
-_SUM_KEY = "headwater_checksum"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
@@ -212,21 +213,29 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta_json = json.dumps(meta or {}, sort_keys=True, allow_nan=False)
     checksum = tensors_checksum(clean, meta_json)
-    header = {_META_KEY: meta_json, _SUM_KEY: checksum}
+    header = {_META_KEY: json.dumps({"checksum": checksum, "meta": meta_json}, sort_keys=True)}
     _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=header))
     return checksum
 
 
-def _header(path: Path, hint: str) -> dict:
+def _header(path: Path, hint: str) -> tuple[str, str | None]:
+    """(metadata JSON, recorded checksum or None) from a safetensors file's header."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            raw = (f.metadata() or {}).get(_META_KEY, "{}")
     except Exception as e:  # safetensors raises its own error types
         raise CorruptArtifactError(
             f"{path} is not a readable safetensors file ({_first(e)}): it is damaged; {hint}"
         ) from e
+    try:
+        entry = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path} has a damaged header: {hint}") from e
+    if isinstance(entry, dict) and set(entry) == {"checksum", "meta"} and isinstance(entry["meta"], str):
+        return entry["meta"], entry["checksum"]
+    return raw, None  # not written by this version: no checksum
 
 
 def tensors_meta(path: str | Path, hint: str = "rerun the stage that wrote it") -> tuple[dict, str | None]:
@@ -234,12 +243,11 @@ def tensors_meta(path: str | Path, hint: str = "rerun the stage that wrote it") 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    header = _header(path, hint)
+    meta_json, checksum = _header(path, hint)
     try:
-        meta = json.loads(header.get(_META_KEY, "{}"))
+        return json.loads(meta_json), checksum
     except json.JSONDecodeError as e:
         raise CorruptArtifactError(f"{path} has a damaged header: {hint}") from e
-    return meta, header.get(_SUM_KEY)
 
 
 def load_tensors(
@@ -256,15 +264,13 @@ def load_tensors(
     what = f"{path} ({artifact})" if artifact else str(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} does not exist")
-    header = _header(path, hint)
+    meta_json, recorded = _header(path, hint)
     try:
         tensors = load_file(str(path))
     except Exception as e:
         raise CorruptArtifactError(
             f"{what} is not a readable safetensors file ({_first(e)}): it is damaged; {hint}"
         ) from e
-    meta_json = header.get(_META_KEY, "{}")
-    recorded = header.get(_SUM_KEY)
     if recorded is None:
         raise CorruptArtifactError(
             f"{what} has no checksum, so it cannot be verified (it was not written by this version of "

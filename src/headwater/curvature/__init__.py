@@ -18,6 +18,7 @@ from .damping import resolve_damping, warn_zero_curvature
 from .linalg import lapack_threads, symmetric_eigh
 from .operators import (
     DAMPING_SCALE,
+    INVERSE,
     DenseEigenCurvature,
     DiagonalCurvature,
     EigenCurvature,
@@ -30,6 +31,7 @@ from .strategies import STRATEGIES, Strategy, curvature_from_tensors, get_strate
 
 __all__ = [
     "DAMPING_SCALE",
+    "INVERSE",
     "Accumulator",
     "CovarianceAccumulator",
     "DenseAccumulator",

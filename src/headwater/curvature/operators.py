@@ -24,6 +24,7 @@ from ..engine import LayerCapture, per_example_grads
 __all__ = [
     "DAMPING_SCALE",
     "Inverse",
+    "INVERSE",
     "LayerCurvature",
     "IdentityCurvature",
     "DiagonalCurvature",
@@ -37,7 +38,15 @@ DAMPING_SCALE = 0.1
 
 
 class Inverse:
-    """The influence function's response ``1 / (lambda + damping)`` per eigen-direction."""
+    """The influence function's response ``1 / (lambda + damping)`` per eigen-direction.
+
+    A *response* is the spectral function that scoring applies to each eigenvalue of the
+    fitted curvature; subclasses (e.g. the unrolled-training response) override ``apply`` and
+    ``spec``. ``spec()`` identifies it in cache keys and saved metadata.
+    """
+
+    def spec(self) -> dict:
+        return {"kind": "inverse"}
 
     def apply(self, coords: torch.Tensor, eigenvalues: torch.Tensor, damping: float) -> torch.Tensor:
         """``coords`` (in the eigenbasis) times the response of each coordinate's eigenvalue."""
