@@ -98,7 +98,9 @@ def scored(files: dict[str, Path]) -> dict:
         "--quiet",
     )
     assert fit.exit_code == 0, fit.output
-    sc = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 4, "--query-rank", 0, "--quiet")
+    sc = invoke(
+        "score", "--workdir", wd, "--out", wd, "--queries", files["queries"], "--top-k", 4, "--query-rank", 0, "--quiet"
+    )
     assert sc.exit_code == 0, sc.output
     return {"wd": wd, "fit": fit, "score": sc}
 
@@ -168,6 +170,8 @@ def test_per_token_flag_saves_full_tensor_and_agrees(files: dict[str, Path], sco
         "score",
         "--workdir",
         wd,
+        "--out",
+        wd,
         "--queries",
         files["queries"],
         "--top-k",
@@ -209,7 +213,9 @@ def test_identity_strategy_with_low_rank_queries(files: dict[str, Path], tmp_pat
         "--quiet",
     )
     assert fit.exit_code == 0, fit.output
-    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 3, "--query-rank", 4, "--quiet")
+    res = invoke(
+        "score", "--workdir", wd, "--out", wd, "--queries", files["queries"], "--top-k", 3, "--query-rank", 4, "--quiet"
+    )
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(files["model_a"], local_files_only=True)
     tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
@@ -255,7 +261,7 @@ def test_fisher_options_are_recorded_and_reused_by_score(files: dict[str, Path],
     assert (settings["fisher"], settings["samples"], settings["top"]) == ("topk", 2, 3)
     config = json.loads((wd / "config.json").read_text())
     assert (config["fisher"], config["samples"], config["top"]) == ("topk", 2, 3)
-    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--top-k", 2, "--quiet")
+    res = invoke("score", "--workdir", wd, "--out", wd, "--queries", files["queries"], "--top-k", 2, "--quiet")
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(files["model_a"], local_files_only=True)
     tok = AutoTokenizer.from_pretrained(files["model_a"], local_files_only=True)
@@ -561,7 +567,7 @@ def test_interrupted_score_leaves_no_partial_files(
         raise KeyboardInterrupt
 
     monkeypatch.setattr("headwater.report.render_report", interrupt)
-    res = invoke("score", "--workdir", wd, "--queries", files["queries"], "--query-rank", 0, "--quiet")
+    res = invoke("score", "--workdir", wd, "--out", wd, "--queries", files["queries"], "--query-rank", 0, "--quiet")
     assert res.exit_code == 130 and "interrupted" in res.stderr
     assert not (wd / "scores.safetensors").exists() and not (wd / "results.jsonl").exists()
     assert not (wd / "report.html").exists()
@@ -594,6 +600,8 @@ def test_candidates_score_only_bm25_candidates_and_analyze_reads_the_run(
     res = invoke(
         "score",
         "--workdir",
+        wd,
+        "--out",
         wd,
         "--queries",
         files["queries"],

@@ -351,7 +351,7 @@ def test_relevant_sets_from_fact_labels_and_retrieval_errors():
 def test_cli_lds_runs_on_a_builtin_task_and_resumes_from_its_cache(tmp_path):
     from typer.testing import CliRunner
 
-    from headwater.evaluate.cli import app
+    from headwater.cli.evaluate import evaluate_app as app
 
     args = ["lds", "--task", "regression", "--subsets", "3", "--seeds", "1", "--methods", "identity,ekfac"]
     args += ["--fit-seeds", "1", "--out", str(tmp_path)]
@@ -371,7 +371,7 @@ def test_cli_lds_runs_on_a_builtin_task_and_resumes_from_its_cache(tmp_path):
 def test_cli_rejects_unknown_methods_and_tasks_without_facts():
     from typer.testing import CliRunner
 
-    from headwater.evaluate.cli import app
+    from headwater.cli.evaluate import evaluate_app as app
 
     res = CliRunner().invoke(app, ["lds", "--methods", "ekfac,magic"])
     assert res.exit_code != 0 and "unknown method" in res.output

@@ -495,13 +495,13 @@ def cli_workdir(tmp_path_factory):
         "--quiet",
     ]
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
-    args = ["score", "--workdir", wd, "--queries", root / "queries.jsonl", "--query-rank", 0, "--quiet"]
+    args = ["score", "--workdir", wd, "--out", wd, "--queries", root / "queries.jsonl", "--query-rank", 0, "--quiet"]
     assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
     return {"root": root, "wd": wd, "queries": root / "queries.jsonl", "runner": runner}
 
 
 def _invoke_index(ctx, *args):
-    from headwater.index_cli import index_app
+    from headwater.cli.index import index_app
 
     return ctx["runner"].invoke(index_app, [str(a) for a in args])
 
@@ -526,17 +526,20 @@ def test_cli_build_and_query_reproduce_the_engine_scores_with_a_full_dim_rotatio
         "--quiet",
     )
     assert res.exit_code == 0, res.output
-    res = _invoke_index(ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--top-k", 3, "--quiet")
+    out = ctx["wd"] / "index-run"
+    res = _invoke_index(
+        ctx, "query", "--workdir", ctx["wd"], "--queries", ctx["queries"], "--top-k", 3, "--out", out, "--quiet"
+    )
     assert res.exit_code == 0, res.output
     from headwater.storage import load_tensors
 
-    index_scores, meta = load_tensors(ctx["wd"] / "index_scores.safetensors")
+    index_scores, meta = load_tensors(out / "scores.safetensors")
     engine_scores, _ = load_tensors(ctx["wd"] / "scores.safetensors")
     exact = engine_scores["values"]
     torch.testing.assert_close(index_scores["values"].to(exact.dtype), exact, rtol=1e-4, atol=1e-5 * exact.abs().max())
-    results = [json.loads(x) for x in (ctx["wd"] / "index_results.jsonl").read_text().splitlines()]
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [e["index"] for e in results[0]["top"]] == exact[0].topk(3).indices.tolist()
-    assert "index (orthogonal projection, dim 65, ekfac curvature)" in (ctx["wd"] / "index_report.html").read_text()
+    assert "index (orthogonal projection, dim 65, ekfac curvature)" in (out / "report.html").read_text()
     assert (ctx["wd"] / "report.html").exists()  # the engine's report is left alone
 
 

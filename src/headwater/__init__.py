@@ -2,26 +2,68 @@
 
 Influence functions with an EK-FAC Gauss-Newton approximation, after Grosse, Bae, Anil et al.
 (2023), "Studying Large Language Model Generalization with Influence Functions".
+
+The public names load on first use (PEP 562), so ``import headwater`` is cheap and the command
+line answers ``--help`` without importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .attributor import FISHERS, STRATEGIES, Attributor, NotFittedError  # noqa: E402
-from .errors import NonFiniteError  # noqa: E402
-from .scoring import Scores, TopK  # noqa: E402
-from .task import ClassificationTask, LanguageModelingTask, RegressionTask, Task  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "Attributor": "attributor",
+    "Settings": "attributor",
+    "STRATEGIES": "attributor",
+    "FISHERS": "fisher",
+    "NotFittedError": "errors",
+    "NonFiniteError": "errors",
+    "HeadwaterWarning": "errors",
+    "CorruptArtifactError": "storage",
+    "Scores": "scoring",
+    "TopK": "scoring",
+    "Task": "task",
+    "LanguageModelingTask": "task",
+    "ClassificationTask": "task",
+    "RegressionTask": "task",
+}
+_SUBMODULES = (
+    "analysis",
+    "attributor",
+    "curvature",
+    "data",
+    "engine",
+    "evaluate",
+    "filtering",
+    "fisher",
+    "index",
+    "io",
+    "layers",
+    "refine",
+    "report",
+    "scoring",
+    "storage",
+    "task",
+    "workdir",
+    "workflow",
+)
 
-__all__ = [
-    "Attributor",
-    "Task",
-    "LanguageModelingTask",
-    "ClassificationTask",
-    "RegressionTask",
-    "Scores",
-    "TopK",
-    "NotFittedError",
-    "NonFiniteError",
-    "STRATEGIES",
-    "FISHERS",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'headwater' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES])

@@ -16,7 +16,7 @@ A [Q, N] influence matrix answers "which sequences?"; the paper also asks how th
   many of them (sequences that "influence everything").
 
 ``analyze(scores)`` runs all that apply; ``analyze_workdir(DIR)`` does so for a saved run
-(``DIR/scores.safetensors``) and ``analyze_command`` is the ``headwater analyze DIR`` command::
+(``DIR/scores.safetensors``), which is what ``headwater analyze DIR`` runs::
 
     headwater analyze runs/demo            # prints a summary, writes runs/demo/analysis.json
 """
@@ -28,15 +28,14 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import torch
-import typer
 
 from .data import check_data
 from .scoring import Scores
-from .storage import load_tensors, save_json
+from .storage import load_tensors
 from .validation import check_int
 
 __all__ = [
@@ -53,7 +52,7 @@ __all__ = [
     "cross_query",
     "analyze",
     "analyze_workdir",
-    "analyze_command",
+    "summary",
 ]
 
 SPURIOUS_RATIO = 2 / 3  # the paper's ||a||_2 / ||a||_1 threshold for token-concentrated sequences
@@ -521,7 +520,7 @@ def analyze_workdir(directory: str | Path, **kwargs: Any) -> dict:
     path = directory / "scores.safetensors"
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist; run `headwater scores ... --out {directory}` first (or pass the run's directory)"
+            f"{path} does not exist; run `headwater score ... --out {directory}` first (or pass the run's directory)"
         )
     tensors, meta = load_tensors(path)
     scores = Scores.from_tensors(tensors, meta)
@@ -568,7 +567,8 @@ def _token_structure_from_rows(rows: list[dict], top_k: int, threshold: float = 
     return _token_summary(out, threshold)
 
 
-def _summary(res: dict) -> str:
+def summary(res: dict) -> str:
+    """A terminal summary of ``analyze``'s result."""
     lines = [f"{res['n_queries']} queries x {res['n_train']} training sequences"]
     sp = res["sparsity"]
     if sp["mean_top1pct_share"] is not None:
@@ -601,20 +601,3 @@ def _summary(res: dict) -> str:
         for s in cq["shared"][:5]:
             lines.append(f"  sequence {s['index']}: in {s['queries']} queries' top-{cq['k']}")
     return "\n".join(lines)
-
-
-def analyze_command(
-    directory: Annotated[Path, typer.Argument(help="Run directory holding scores.safetensors")],
-    top_k: Annotated[int, typer.Option("--top-k", help="Top sequences per query for token and overlap analyses")] = 10,
-    blocks: Annotated[int, typer.Option("--blocks", help="Depth blocks for the layer profile")] = N_BLOCKS,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap draws for the power-law p-value")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the full analysis as JSON")] = False,
-) -> dict:
-    """Sparsity, layer profile, token structure and cross-query overlap of a saved run.
-
-    Writes DIR/analysis.json and prints a summary (or the JSON).
-    """
-    res = analyze_workdir(directory, top_k=top_k, n_blocks=blocks, bootstrap=bootstrap)
-    save_json(Path(directory) / "analysis.json", res)
-    print(json.dumps(res, indent=2) if as_json else _summary(res))
-    return res

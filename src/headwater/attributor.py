@@ -155,6 +155,7 @@ class Attributor:
         self.curvature: dict[str, LayerCurvature] | None = None
         self.fit_fingerprint: str | None = None
         self.factors_checksum: str | None = None
+        self.fitted_at: str | None = None  # when the factors were fitted (from the workdir)
         s = self.settings
         self.config = {
             "schema": SCHEMA_VERSION,
@@ -168,6 +169,7 @@ class Attributor:
             "top": s.top if s.fisher == "topk" else None,
             "seed": s.seed,
             "modules": {n: [ad.kind, ad.out_features, ad.in_features] for n, ad in self.layers.items()},
+            "layers": list(self.layers),  # model order (JSON objects are written with sorted keys)
         }
         if s.strategy == "identity":
             self.curvature = {n: IdentityCurvature(shape) for n, shape in self.shapes.items()}
@@ -193,6 +195,7 @@ class Attributor:
                 get_strategy(self.strategy), self.shapes, tensors, str(self.workdir.factors_path)
             )
             self.fit_fingerprint = meta.get("fit_data")
+            self.fitted_at = meta.get("created")
 
     # ------------------------------------------------------------------ the passes
     def fit_losses(self, batch: Any) -> list[torch.Tensor]:
@@ -272,11 +275,12 @@ class Attributor:
                 self._fit_pass(lam, data, batch_size, "eigenvalue correction", spec, overwrite)
                 curvature = lam.ekfac()
         warn_zero_curvature(curvature)
-        self.curvature, self.fit_fingerprint = curvature, fp
+        self.curvature, self.fit_fingerprint, self.fitted_at = curvature, fp, _now()
         if self.workdir is not None:
             tensors = {f"{n}::{k}": v for n, op in curvature.items() for k, v in op.tensors().items()}
             self.workdir.replace_config(self.config)
-            self.factors_checksum = self.workdir.save_factors(tensors, {"fit_data": fp, **self.config})
+            meta = {"fit_data": fp, "created": _now(), "batch_size": batch_size, **self.config}
+            self.factors_checksum = self.workdir.save_factors(tensors, meta)
             if not keep_covariance:
                 self.workdir.drop_covariance()
             self.workdir.tidy()
@@ -374,6 +378,7 @@ class Attributor:
         refine_steps: int = 0,
         refine_blocks: str = "full",
         response: Inverse | None = None,
+        cache: bool = True,
     ) -> Scores:
         """Influence of every training example on every query: ``Scores.values`` [Q, N].
 
@@ -387,6 +392,8 @@ class Attributor:
         query's top-N BM25 matches (``headwater.filtering``); ``Scores.mask`` marks them.
         ``refine_steps=n`` refines the query gradients toward the exact damped Gauss-Newton.
         ``response`` replaces the damped inverse by another spectral function (``curvature.Inverse``).
+        ``cache=False`` neither reads nor writes the workdir's cache (small one-off re-scorings).
+        ``meta["cached"]`` says whether the result came from the cache.
         """
         refine_steps, refine_blocks = self._check_refine(refine_steps, refine_blocks)
         if candidates is not None and refine_steps:
@@ -409,13 +416,13 @@ class Attributor:
         train = check_data(train, "training data")
         batch_size = check_int(batch_size, "batch_size")
         lam = self.damping(damping)
-        meta: dict[str, Any] = {"strategy": self.strategy, "damping": lam, "query_rank": query_rank}
+        meta: dict[str, Any] = {"strategy": self.strategy, "damping": lam, "query_rank": query_rank, "cached": False}
         if refine_steps:
             meta["refine"] = {"steps": refine_steps, "blocks": refine_blocks}
         if response is not None:
             meta["response"] = response.spec()
         key = final = None
-        if self.workdir is not None:
+        if self.workdir is not None and cache:
             spec = {
                 "factors": self.factors_checksum,
                 "model": model_fingerprint(self.model),
@@ -435,7 +442,7 @@ class Attributor:
             final = self.workdir.cached_scores(key)
             if final.exists():
                 tensors, saved = load_tensors(final, "cached scores", hint="delete it to recompute")
-                return Scores.from_tensors(tensors, saved)
+                return Scores.from_tensors(tensors, {**saved, "cached": True})
         q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks, response)
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
         ckpt = self.workdir.score_checkpoint(key, self.settings.checkpoint_every) if key else None
@@ -469,6 +476,12 @@ class Attributor:
         from .index import query_index
 
         return query_index(self, queries, top_k=top_k, **kwargs)
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _local_path(model: nn.Module) -> str | None:

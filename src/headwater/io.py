@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "InputError",
+    "Records",
+    "where",
+    "RESERVED_QUERY_FIELDS",
+    "check_relevant",
     "read_documents",
     "read_queries",
     "load_model",
@@ -35,12 +38,34 @@ __all__ = [
 ]
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# Fields of a results.jsonl row that headwater writes; a query may not bring its own.
+RESERVED_QUERY_FIELDS = frozenset(
+    {"query", "top", "bottom", "stats", "recall", "recall_k", "per_layer_top", "per_layer_bottom"}
+)
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 class InputError(ValueError):
     """A file, directory or model given on the command line cannot be used as it is."""
+
+
+class Records(list):
+    """Examples read from a file, each with where it came from (``where(i)``: "train.jsonl, line 7")."""
+
+    def __init__(self, items: list, locations: list[str]):
+        super().__init__(items)
+        self.locations = locations
+
+    def where(self, i: int) -> str:
+        return self.locations[i] if 0 <= i < len(self.locations) else f"example {i}"
+
+
+def where(data: Any, path: str | Path, i: int) -> str:
+    """The file location of example ``i`` of data read by ``read_documents`` / ``read_queries``."""
+    if isinstance(data, Records):
+        return data.where(i)
+    return f"{path}, row {i}"  # a table: rows count from 0, as in datasets
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,10 +190,26 @@ def _clean_table(ds: Any, path: Path) -> Any:
         )
     ds = ds.select_columns(keep)
     for c in keep:
-        nulls = ds.data.column(c).null_count
+        col = ds.data.column(c)
+        nulls = col.null_count
         if nulls:
             raise InputError(f"{path}: column '{c}' has {nulls} missing value(s); drop those rows")
+        _check_column_type(path, c, col.type)
     return ds
+
+
+def _check_column_type(path: Path, name: str, kind: Any) -> None:
+    """Text columns must hold strings and id columns lists of integers; say which column does not."""
+    import pyarrow as pa
+
+    if name in ("text", "prompt", "completion"):
+        ok = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        want = "strings"
+    else:
+        ok = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)
+        want = "lists of integers"
+    if not ok:
+        raise InputError(f"{path}: column '{name}' holds {kind}, not {want}; convert the column or rename it")
 
 
 def read_documents(path: str | Path) -> Any:
@@ -181,13 +222,23 @@ def read_documents(path: str | Path) -> Any:
     if path.is_dir() or path.suffix in TABLE_SUFFIXES:
         docs = _clean_table(_read_table(path), path)
     elif path.suffix in JSON_SUFFIXES:
-        docs = [_clean_record(obj, where) for where, obj in _iter_json_records(path)]
+        records = _iter_json_records(path)
+        docs = Records([_clean_record(obj, at) for at, obj in records], [at for at, _ in records])
     else:
         try:
             raw = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-        docs = [{"text": block.strip()} for block in re.split(r"\n[ \t]*\n", raw) if block.strip()]
+        items, locations, block, start = [], [], [], 0
+        for n, line in enumerate([*raw.split("\n"), ""], start=1):  # a trailing "" ends the last block
+            if line.strip(" \t"):
+                start = start or n
+                block.append(line)
+            elif block:
+                items.append({"text": "\n".join(block).strip()})
+                locations.append(f"{path}, line {start}")
+                block, start = [], 0
+        docs = Records(items, locations)
     if len(docs) == 0:
         raise InputError(f"data file {path} contains no documents; give at least one")
     return docs
@@ -202,8 +253,9 @@ def read_queries(path: str | Path) -> list[dict]:
     path = _check_exists(path, "queries file")
     if path.is_dir():
         raise InputError(f"queries file {path} is a directory; pass a JSONL file")
-    queries = []
-    for where, obj in _iter_json_records(path):
+    queries, locations = [], []
+    for at, obj in _iter_json_records(path):
+        where = at
         if (
             not isinstance(obj, dict)
             or not isinstance(obj.get("prompt"), str)
@@ -214,12 +266,29 @@ def read_queries(path: str | Path) -> list[dict]:
         if not obj["completion"]:
             raise InputError(f"{where}: 'completion' is empty; the query measures its log-probability")
         rel = obj.get("relevant")
-        if rel is not None and (not isinstance(rel, list) or not all(isinstance(i, int) for i in rel)):
+        if rel is not None and (
+            not isinstance(rel, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rel)
+        ):
             raise InputError(f"{where}: 'relevant' must be a list of training indices")
+        taken = sorted(RESERVED_QUERY_FIELDS & set(obj))
+        if taken:
+            raise InputError(f"{where}: field(s) {taken} are written by headwater into results.jsonl; rename them")
         queries.append(obj)
+        locations.append(where)
     if not queries:
         raise InputError(f"queries file {path} contains no queries; give at least one JSON line")
-    return queries
+    return Records(queries, locations)
+
+
+def check_relevant(queries: list[dict], n_train: int, data_name: str) -> None:
+    """Every ``relevant`` index must name a training example; say which query line does not."""
+    for i, q in enumerate(queries):
+        bad = [j for j in q.get("relevant") or [] if not 0 <= j < n_train]
+        if bad:
+            raise InputError(
+                f"{where(queries, 'queries', i)}: 'relevant' index {bad[0]} is out of range for the {n_train} "
+                f"documents of {data_name} (indices count from 0)"
+            )
 
 
 def document_text(item: Any, tokenizer: Any = None) -> str:

@@ -34,7 +34,16 @@ CONFIG_KEYS = ("model", "task", "strategy", "fisher", "samples", "top", "seed", 
 # Config keys added after workdirs existed: a saved config without one was made with this value.
 CONFIG_DEFAULTS = {"samples": 1, "top": None}
 # Files and directories computed from the factors: stale after a refit.
-DERIVED = (SCORES, "results", "index", "scores.safetensors", "results.jsonl", "report.html", "analysis.json")
+DERIVED = (
+    SCORES,
+    "results",
+    "index",
+    "scores.safetensors",
+    "results.jsonl",
+    "report.html",
+    "run.json",
+    "analysis.json",
+)
 REFIT = "refit with overwrite=True (headwater fit --overwrite)"
 
 

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from ..attributor import Attributor
-from ..curvature import EigenCurvature
+from ..curvature import DAMPING_SCALE, EigenCurvature
 from ..gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, stream_scores
+from ..layers import conv1d_to_linear
 from .lissa import LiSSA
 from .trainers import Benchmark
 
@@ -90,7 +91,7 @@ def reference_damping(bench: Benchmark, seed: int = 0) -> float:
     an = Attributor(bench.model, task=bench.task, strategy="ekfac", modules=bench.modules, seed=seed)
     an.fit(bench.train, bench.batch_size)
     ops = [op for op in an.curvature.values() if isinstance(op, EigenCurvature)]
-    return 0.1 * float(sum(op.lam.sum() for op in ops)) / sum(op.lam.numel() for op in ops)
+    return DAMPING_SCALE * float(sum(op.lam.sum() for op in ops)) / sum(op.lam.numel() for op in ops)
 
 
 def kronfluence_available() -> bool:
@@ -151,27 +152,6 @@ def _exact_scores(bench: Benchmark, damping: float) -> torch.Tensor:
     return stream_scores(bench.model, bench.task, an.layers, space.unflatten(p), bench.train, bench.batch_size)
 
 
-def _conv1d_as_linear(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace HF ``Conv1D`` layers by equal ``nn.Linear`` ones (same names), in place.
-
-    kronfluence tracks only ``nn.Linear`` and ``nn.Conv2d``; its own GPT-2 examples do the same
-    swap. ``Conv1D`` computes ``x @ W + b`` with W [in, out], so the Linear weight is W^T.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv1D):
-            n_in, n_out = module.weight.shape
-            linear = torch.nn.Linear(n_in, n_out, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.T)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
-    return model
-
-
 def _kronfluence_scores(bench: Benchmark, damping: float | None, seed: int) -> torch.Tensor:
     """kronfluence 1.0.1's EK-FAC with the same task functions, data, tracked modules and damping."""
     return kronfluence_scores(bench, [damping], seed)[0]
@@ -208,7 +188,7 @@ def kronfluence_scores(bench: Benchmark, dampings: list[float | None], seed: int
         def get_attention_mask(self, batch: Any) -> Any:
             return batch.get("attention_mask") if isinstance(batch, dict) else None
 
-    model = prepare_model(_conv1d_as_linear(copy.deepcopy(bench.model)).eval(), Adapter())
+    model = prepare_model(conv1d_to_linear(copy.deepcopy(bench.model)).eval(), Adapter())
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
         torch.manual_seed(seed)  # kronfluence draws its pseudo-labels from the global generator
         az = Analyzer(

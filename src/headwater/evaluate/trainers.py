@@ -5,7 +5,7 @@ Each ``Benchmark`` bundles what the accuracy benchmark and ``headwater evaluate`
 - ``digits``: a 64-32-10 tanh MLP on scikit-learn's bundled ``load_digits`` (classification).
 - ``regression``: a 10-32-1 tanh MLP on scikit-learn's bundled ``load_diabetes``, targets
   standardized (regression).
-- ``lm``: the small GPT-2-architecture model of ``headwater.demo`` on its planted-fact corpus
+- ``lm``: the small GPT-2-architecture model of ``headwater.synthetic`` on its planted-fact corpus
   (language modelling; the queries ask for the planted facts).
 
 The MLPs train full-batch with Adam on the mean loss plus an L2 penalty. Full-batch training
@@ -162,7 +162,7 @@ def regression_benchmark(cfg: MLPConfig | None = None) -> Benchmark:
 
 @dataclass
 class LMConfig:
-    """The LM task: ``headwater.demo``'s corpus and model (full size: the small demo model
+    """The LM task: ``headwater.synthetic``'s corpus and model (full size: the small demo model
     answers almost none of its queries, so its attributions have nothing to find).
 
     modules: the MLP projections, as in the demo and the paper.
@@ -175,11 +175,9 @@ class LMConfig:
 
 
 def lm_benchmark(cfg: LMConfig | None = None) -> Benchmark:
-    """The demo GPT-2 on the planted-fact corpus; retraining calls ``demo.train_model`` on a subset."""
-    try:
-        from .. import demo
-    except ImportError as e:  # the demo module ships with headwater; absent only in a partial checkout
-        raise ImportError("the 'lm' benchmark needs headwater.demo (the demo corpus and model)") from e
+    """The demo GPT-2 on the planted-fact corpus; retraining calls ``synthetic.train_model`` on a subset."""
+    from .. import synthetic as demo
+
     cfg = cfg or LMConfig()
     corpus = demo.make_corpus(seed=cfg.corpus_seed, small=cfg.small)
     tokenizer = demo.train_tokenizer(corpus.docs, vocab_size=(demo.SMALL if cfg.small else demo.FULL).vocab_size)

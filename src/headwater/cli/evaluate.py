@@ -1,7 +1,5 @@
 """``headwater evaluate``: LDS, PBRF and planted-fact retrieval on the built-in benchmarks.
 
-Mounted by the main CLI with ``app.add_typer(evaluate.cli.app, name="evaluate")``::
-
     headwater evaluate lds --task digits --subsets 100 --seeds 3 --out runs/evaluate
     headwater evaluate pbrf --task regression --examples 100
     headwater evaluate retrieval --task lm --methods identity,ekfac
@@ -15,27 +13,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-import torch
 import typer
 
-from ..storage import atomic_write_text, save_json
-from .methods import METHODS, LiSSASettings
-from .suite import Suite
-from .trainers import BENCHMARKS, load_benchmark
+from .common import new_app, run_command, setup
 
-app = typer.Typer(
-    help="Measure how well attribution scores predict retraining (LDS), the PBRF, and planted facts.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+__all__ = ["evaluate_app"]
+
+evaluate_app = new_app(
+    None, "Measure how well attribution scores predict retraining (LDS), the PBRF, and planted facts."
 )
 
+BENCHMARKS = ("digits", "regression", "lm")  # headwater.evaluate.trainers.BENCHMARKS, without importing torch
 DEFAULT_METHODS = "identity,diagonal,kfac,ekfac,lissa"
 
 TaskOpt = typer.Option("digits", "--task", help=f"Built-in benchmark: {', '.join(BENCHMARKS)}.")
-MethodsOpt = typer.Option(DEFAULT_METHODS, "--methods", help=f"Comma-separated, from: {', '.join(METHODS)}.")
+MethodsOpt = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated methods, e.g. identity,ekfac,lissa.")
 OutOpt = typer.Option(Path("runs/evaluate"), "--out", help="Directory for results and the retraining cache.")
 FitSeedsOpt = typer.Option(3, "--fit-seeds", min=1, help="Seeds for sampling methods (pseudo-labels, LiSSA batches).")
 DepthOpt = typer.Option(2000, "--lissa-depth", min=1, help="LiSSA recursion depth.")
@@ -43,23 +37,34 @@ ThreadsOpt = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 avoi
 
 
 def _methods(spec: str) -> list[str]:
+    from ..evaluate.methods import METHODS as KNOWN
+
     methods = [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in KNOWN]
     if not methods or unknown:
-        raise typer.BadParameter(f"unknown method(s) {unknown or spec!r}; choose from {', '.join(METHODS)}")
+        raise typer.BadParameter(f"unknown method(s) {unknown or spec!r}; choose from {', '.join(KNOWN)}")
     return methods
 
 
-def _suite(task: str, methods: str, fit_seeds: int, depth: int, threads: int) -> Suite:
-    if task not in BENCHMARKS:
-        raise typer.BadParameter(f"--task {task!r} is unknown; choose one of {', '.join(BENCHMARKS)}")
+def _suite(task: str, methods: str, fit_seeds: int, depth: int, threads: int) -> Any:
+    import torch
+
+    from ..evaluate.methods import LiSSASettings
+    from ..evaluate.suite import Suite
+    from ..evaluate.trainers import BENCHMARKS as KNOWN
+    from ..evaluate.trainers import load_benchmark
+
+    if task not in KNOWN:
+        raise typer.BadParameter(f"--task {task!r} is unknown; choose one of {', '.join(KNOWN)}")
     chosen = _methods(methods)  # before training anything
     torch.set_num_threads(threads)
     typer.echo(f"[{task}] training the benchmark model ...")
     return Suite(load_benchmark(task), chosen, fit_seeds=fit_seeds, lissa=LiSSASettings(depth=depth))
 
 
-def _report(suite: Suite, out: Path, command: str, settings: dict) -> None:
+def _report(suite: Any, out: Path, command: str, settings: dict) -> None:
+    from ..storage import atomic_write_text, save_json
+
     table = suite.markdown()
     typer.echo("\n" + table)
     folder = out / suite.bench.name
@@ -92,7 +97,7 @@ def _report(suite: Suite, out: Path, command: str, settings: dict) -> None:
     typer.echo(f"\nwritten to {folder}/{command}.md and .json")
 
 
-@app.command("lds")
+@evaluate_app.command("lds")
 def lds_command(
     task: str = TaskOpt,
     subsets: int = typer.Option(100, "--subsets", min=3, help="Number of random training subsets M."),
@@ -105,13 +110,18 @@ def lds_command(
     threads: int = ThreadsOpt,
 ) -> None:
     """Linear datamodeling score: Spearman correlation between predicted and retrained query losses."""
-    suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
-    cache = out / task / f"retrain-alpha{alpha:g}-seed0"
-    suite.lds(num_subsets=subsets, seeds=seeds, alpha=alpha, cache_dir=cache)
-    _report(suite, out, "lds", {"task": task, "subsets": subsets, "seeds": seeds, "alpha": alpha, "methods": methods})
+
+    def body() -> None:
+        suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
+        cache = out / task / f"retrain-alpha{alpha:g}-seed0"
+        suite.lds(num_subsets=subsets, seeds=seeds, alpha=alpha, cache_dir=cache)
+        settings = {"task": task, "subsets": subsets, "seeds": seeds, "alpha": alpha, "methods": methods}
+        _report(suite, out, "lds", settings)
+
+    run_command(*setup(False, False)[:2], body)
 
 
-@app.command("pbrf")
+@evaluate_app.command("pbrf")
 def pbrf_command(
     task: str = TaskOpt,
     examples: int = typer.Option(100, "--examples", min=3, help="Training examples to solve the PBRF for."),
@@ -122,12 +132,16 @@ def pbrf_command(
     threads: int = ThreadsOpt,
 ) -> None:
     """Pearson correlation with the proximal Bregman response function (small models)."""
-    suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
-    suite.pbrf(num_examples=examples)
-    _report(suite, out, "pbrf", {"task": task, "examples": examples, "methods": methods})
+
+    def body() -> None:
+        suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
+        suite.pbrf(num_examples=examples)
+        _report(suite, out, "pbrf", {"task": task, "examples": examples, "methods": methods})
+
+    run_command(*setup(False, False)[:2], body)
 
 
-@app.command("retrieval")
+@evaluate_app.command("retrieval")
 def retrieval_command(
     task: str = typer.Option("lm", "--task", help="Benchmark with planted facts (only 'lm')."),
     k: str = typer.Option("1,10", "--k", help="Comma-separated cut-offs for recall@k."),
@@ -144,9 +158,10 @@ def retrieval_command(
         raise typer.BadParameter(f"--k must be comma-separated integers such as 1,10, got {k!r}") from e
     if task != "lm":
         raise typer.BadParameter(f"--task {task!r} has no planted facts; retrieval runs on 'lm'")
-    suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
-    suite.retrieval(ks)
-    _report(suite, out, "retrieval", {"task": task, "k": list(ks), "methods": methods})
 
+    def body() -> None:
+        suite = _suite(task, methods, fit_seeds, lissa_depth, threads)
+        suite.retrieval(ks)
+        _report(suite, out, "retrieval", {"task": task, "k": list(ks), "methods": methods})
 
-__all__ = ["app"]
+    run_command(*setup(False, False)[:2], body)

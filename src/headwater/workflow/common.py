@@ -1,0 +1,204 @@
+"""What every workflow shares: the CLI's settings file, reopening a fitted workdir, and messages in CLI terms.
+
+A workdir holds the engine's files (``headwater.workdir``) plus ``cli.json``: the model,
+tokenizer and data paths and ``max_length`` that ``fit`` used, so that ``score``, ``index`` and
+``report`` reload the same things. A workdir fitted from Python has no ``cli.json``; the
+commands then take the model from the path the engine recorded (a HF model loaded from a local
+directory) or from ``--model``, and the data from ``--data``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExampleError, TruncationWarning
+from ..io import InputError, where
+from ..storage import load_json
+from ..workdir import CONFIG_FILE, WorkdirMismatchError
+
+__all__ = [
+    "Log",
+    "CLI_FILE",
+    "RUNS",
+    "quiet_log",
+    "now",
+    "parse_modules",
+    "read_settings",
+    "Reopened",
+    "reopen",
+    "cli_mismatch",
+    "at_location",
+    "check_queries_fit",
+    "FLAGS",
+]
+
+Log = Callable[[str], None]
+CLI_FILE = "cli.json"
+RUNS = "results"  # WORKDIR/results/<run>/: one directory per scoring run
+CLI_SCHEMA = 2
+# Engine settings -> the command-line option that sets them (for messages).
+FLAGS = {
+    "strategy": "--strategy",
+    "fisher": "--fisher",
+    "samples": "--samples",
+    "top": "--top",
+    "seed": "--seed",
+    "modules": "--modules",
+    "model": "--model",
+    "task": "--tokenizer/--max-length",
+}
+
+
+def quiet_log(msg: str) -> None:
+    return None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_modules(modules: str | list[str] | None) -> str | list[str] | None:
+    """'mlp' -> 'mlp', 'all' -> None (every supported layer), 'a,b' -> ['a', 'b']."""
+    if modules is None or isinstance(modules, list):
+        return modules
+    if modules == "all":
+        return None
+    if modules == "mlp":
+        return "mlp"
+    names = [m.strip() for m in modules.split(",") if m.strip()]
+    if not names:
+        raise InputError(f"--modules {modules!r} names no layer; pass 'mlp', 'all' or comma-separated names")
+    return names
+
+
+def read_settings(workdir: Path) -> dict:
+    """cli.json of a workdir, or what a workdir fitted from Python records (config.json)."""
+    if not workdir.exists():
+        raise InputError(f"workdir {workdir} does not exist; run `headwater fit ... --workdir {workdir}` first")
+    path = workdir / CLI_FILE
+    if path.exists():
+        settings = load_json(path, hint=f"refit with `headwater fit --overwrite --workdir {workdir} ...`")
+        if not isinstance(settings, dict) or "model" not in settings:
+            raise InputError(f"{path} is damaged (no 'model' entry); refit into a new workdir")
+        return settings
+    if not (workdir / CONFIG_FILE).exists():
+        raise InputError(
+            f"{workdir} is not a fitted headwater workdir (no {CLI_FILE}), nor one fitted from Python (no "
+            f"{CONFIG_FILE}); run "
+            f"`headwater fit --model PATH --data FILE --workdir {workdir}` first"
+        )
+    config = load_json(workdir / CONFIG_FILE, hint=f"delete {workdir} and refit")
+    return {  # an API workdir: what the engine knows
+        "model": config.get("model_path"),
+        "tokenizer": config.get("model_path"),
+        "data": None,
+        "modules": config.get("layers") or list(config.get("modules") or {}),
+        "strategy": config.get("strategy"),
+        "fisher": config.get("fisher"),
+        "samples": config.get("samples", 1),
+        "top": config.get("top") or 8,
+        "seed": config.get("seed", 0),
+        "max_length": None,
+        "from_python": True,
+    }
+
+
+@dataclass
+class Reopened:
+    """A fitted workdir, reloaded: the Attributor, its settings, the tokenizer and the task."""
+
+    attributor: Any
+    settings: dict
+    tokenizer: Any
+    task: Any
+
+
+def reopen(
+    workdir: Path,
+    *,
+    device: str | None = None,
+    model: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    progress: bool = True,
+) -> Reopened:
+    """The Attributor a workdir describes, with the model, tokenizer and task it was fitted with."""
+    import headwater as hw
+
+    from ..io import load_model, load_tokenizer
+
+    settings = read_settings(workdir)
+    model_path = model or settings.get("model")
+    if model_path is None:
+        raise InputError(
+            f"{workdir} was fitted from Python with a model headwater cannot reload by itself; pass --model DIR "
+            "(the model's save_pretrained directory)"
+        )
+    net = load_model(
+        model_path, device=device or settings.get("device", "auto"), dtype=settings.get("dtype", "float32")
+    )
+    tok = load_tokenizer(tokenizer or settings.get("tokenizer") or model_path)
+    task = hw.LanguageModelingTask(tokenizer=tok, max_length=settings.get("max_length"))
+    modules = settings.get("modules", "mlp")
+    modules = parse_modules(modules) if isinstance(modules, str) else modules
+    try:
+        an = hw.Attributor(
+            net,
+            task=task,
+            strategy=settings.get("strategy", "ekfac"),
+            modules=modules,
+            fisher=settings.get("fisher", "auto"),
+            samples=settings.get("samples", 1),
+            top=settings.get("top", 8),
+            workdir=workdir,
+            seed=settings.get("seed", 0),
+            progress=progress,
+        )
+    except WorkdirMismatchError as e:
+        raise cli_mismatch(e, workdir) from e
+    return Reopened(an, settings, tok, task)
+
+
+def cli_mismatch(e: WorkdirMismatchError, workdir: Path) -> InputError:
+    """The engine's 'workdir was made for other settings' in the command line's terms."""
+    flag = FLAGS.get(e.key, e.key)
+    if e.key == "model":
+        what = "was made for another model (its weights or architecture differ from this one's)"
+    elif e.key == "task":
+        what = f"was made for another tokenizer or max length ({flag})"
+    elif e.key == "modules":
+        what = f"was made for another module set ({len(e.saved or {})} layers; {flag})"
+    else:
+        what = f"was made for {flag} {e.saved} (this command has {flag} {e.wanted})"
+    return InputError(
+        f"workdir {workdir} {what}; pass --overwrite to refit it with these settings, or use a new --workdir"
+    )
+
+
+def at_location(e: ExampleError, data: Any, path: str | Path) -> InputError:
+    """An engine error about example ``e.index`` as one line naming its file and line."""
+    return InputError(f"{where(data, path, e.index)} (example {e.index}){e.detail}")
+
+
+def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log) -> None:
+    """Tokenize every query once before scoring: say which prompts are cut, refuse what cannot fit.
+
+    A prompt too long for ``max_length`` is truncated from the left (the completion is what is
+    measured); a completion that cannot fit at all is an error naming the query's line.
+    """
+    for i, q in enumerate(queries):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                task.collate([{"prompt": q["prompt"], "completion": q["completion"]}])
+            except ExampleError as e:
+                raise InputError(f"{where(queries, path, i)}{e.detail}") from e
+            except ValueError as e:
+                raise InputError(f"{where(queries, path, i)}: {e}") from e
+        for w in caught:
+            if isinstance(w.message, TruncationWarning):
+                log(f"{where(queries, path, i)}{w.message.detail}")

@@ -1,0 +1,263 @@
+"""``headwater score``: queries against the training data; a run directory of scores, results and a report.
+
+A run directory (default ``WORKDIR/results/<queries>-vs-<data>-<settings hash>``, or ``--out``)::
+
+    scores.safetensors   [Q, N] scores and per-layer scores (checksummed)
+    results.jsonl        per query: top-k and bottom-k sequences with text, tokens, token scores
+    report.html          the report
+    run.json             what the run depended on: workdir, factors checksum, files and their
+                         fingerprints, options, and the checksum of results.jsonl
+
+Runs with other queries, data or options get other directories, so they never overwrite each
+other; a refit removes them all (they derive from the old factors).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExampleError
+from ..io import InputError, check_relevant
+from ..storage import atomic_write_text, json_checksum, save_json, save_tensors
+from .common import RUNS, Log, at_location, check_queries_fit, now, reopen
+
+__all__ = ["score_workdir", "build_results", "write_run", "run_dir_for", "RUN_FILE", "RESULTS_FILE", "SCORES_FILE"]
+
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.jsonl"
+SCORES_FILE = "scores.safetensors"
+REPORT_FILE = "report.html"
+
+
+def run_dir_for(workdir: Path, queries: Path, data: Path, spec: dict) -> Path:
+    """``WORKDIR/results/<queries stem>-vs-<data stem>-<hash of the options>``."""
+    from ..engine import spec_key
+
+    def stem(p: Path) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem)[:40] or "data"
+
+    return workdir / RUNS / f"{stem(queries)}-vs-{stem(data)}-{spec_key(spec)[:8]}"
+
+
+def token_pieces(tok: Any, ids: list[int]) -> list[str]:
+    """Each token's text, so the pieces concatenate to (about) the decoded sequence.
+
+    Byte-level BPE decodes single tokens exactly; SentencePiece drops a piece's leading
+    space when decoded alone, so it is put back from the '▁' marker.
+    """
+    raw = tok.convert_ids_to_tokens(ids)
+    out = []
+    for i, r in zip(ids, raw):
+        piece = tok.decode([i])
+        if isinstance(r, str) and r.startswith("\u2581") and not piece.startswith(" "):
+            piece = " " + piece
+        out.append(piece)
+    return out
+
+
+def _shown_token_scores(
+    an: Any,
+    sc: Any,
+    queries: list[dict],
+    docs: Any,
+    shown: list[list[int]],
+    tokens_of: dict,
+    per_token: bool,
+    bs: int,
+    damping: Any,
+    rank: Any,
+    progress: bool,
+) -> list[dict]:
+    """Per-token scores of the sequences the report shows, [Q] -> {index: [per position]}.
+
+    Unless ``per_token`` scored all of them, each query's shown sequences are re-scored with
+    per-token resolution: the same computation restricted to those columns, so exact and far
+    cheaper than [Q, N, T]; ``cache=False`` keeps these small runs out of the workdir's cache.
+    """
+    if per_token:
+        return [{i: sc.per_token[q, i, : len(tokens_of[i])].tolist() for i in idxs} for q, idxs in enumerate(shown)]
+    out: list[dict] = []
+    it: Any = range(len(queries))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="per-token scores", unit="query", leave=False, dynamic_ncols=True)
+    for q in it:
+        rows = [docs[i] for i in shown[q]]
+        st = an.scores([queries[q]], rows, batch_size=bs, damping=damping, query_rank=rank, per_token=True, cache=False)
+        out.append({i: st.per_token[0, j, : len(tokens_of[i])].tolist() for j, i in enumerate(shown[q])})
+    return out
+
+
+def _stats(row: Any) -> dict:
+    return {
+        "n": int(row.numel()),
+        "positive": int((row > 0).sum()),
+        "mean": float(row.mean()),
+        "std": float(row.std()) if row.numel() > 1 else 0.0,
+        "max": float(row.max()),
+        "min": float(row.min()),
+    }
+
+
+def build_results(queries: list[dict], sc: Any, k: int, layers: list[str], entry: Any) -> list[dict]:
+    """One results.jsonl row per query: top/bottom entries, per-layer sums, statistics, recall@k.
+
+    ``entry(q, i, score)`` builds one sequence's entry. Only scored pairs are ranked and counted
+    (with candidates, each query's own candidates).
+    """
+    top, bottom = sc.top(k), sc.bottom(k)
+    results = []
+    for q, query in enumerate(queries):
+        res = {**query, "query": q}
+        res["top"] = [entry(q, i, float(v)) for i, v in zip(top.indices[q].tolist(), top.values[q].tolist())]
+        res["bottom"] = [entry(q, i, float(v)) for i, v in zip(bottom.indices[q].tolist(), bottom.values[q].tolist())]
+        res["per_layer_top"] = {n: sum(e["per_layer"][n] for e in res["top"]) for n in layers}
+        res["per_layer_bottom"] = {n: sum(e["per_layer"][n] for e in res["bottom"]) for n in layers}
+        res["stats"] = _stats(sc.values[q] if sc.mask is None else sc.values[q][sc.mask[q]])
+        if query.get("relevant") is not None:
+            rel = set(query["relevant"])
+            res["recall"] = len(rel & set(top.indices[q].tolist())) / len(rel) if rel else None
+            res["recall_k"] = int(top.indices.shape[1])
+        results.append(res)
+    return results
+
+
+def write_run(out: Path, sc: Any, results: list[dict], run: dict, html: str) -> None:
+    """Write a run's four files; each is complete in memory before the first rename."""
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in results)
+    run = {**run, "results_checksum": json_checksum(text)}
+    save_tensors(out / SCORES_FILE, sc.tensors(), {k: v for k, v in run.items() if k != "results_checksum"})
+    atomic_write_text(out / RESULTS_FILE, text)
+    atomic_write_text(out / REPORT_FILE, html)
+    save_json(out / RUN_FILE, run)
+
+
+def score_workdir(
+    workdir: str | Path,
+    queries: str | Path,
+    *,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    model: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    top_k: int = 20,
+    query_rank: int | None = 32,
+    damping: float | None = None,
+    per_token: bool = False,
+    batch_size: int | None = None,
+    device: str | None = None,
+    candidates: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+    title: str | None = None,
+) -> dict:
+    """Score queries against the training data; write a run directory. Returns {"results", "out", ...}."""
+    from ..data import fingerprint
+    from ..io import document_text, read_documents, read_queries
+    from .outputs import render
+
+    workdir = Path(workdir)
+    qpath = Path(queries).resolve()
+    qs = read_queries(qpath)
+    r = reopen(workdir, device=device, model=model, tokenizer=tokenizer, progress=progress)
+    an, settings, tok = r.attributor, r.settings, r.tokenizer
+    if an.strategy != "identity" and an.curvature is None:
+        raise InputError(f"workdir {workdir} has no fitted factors (factors.safetensors); run `headwater fit` first")
+    if data is None:
+        data = settings.get("data")
+        if data is None:
+            raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
+        if not Path(data).exists():
+            raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
+    data_path = Path(data).resolve()
+    docs = read_documents(data_path)
+    check_relevant(qs, len(docs), data_path.name)
+    check_queries_fit(r.task, qs, qpath, log)
+    bs = batch_size or settings.get("batch_size", 8)
+    rank = query_rank or None
+    clean_q = [{"prompt": q["prompt"], "completion": q["completion"]} for q in qs]
+    k = min(top_k, len(docs) if candidates is None else min(candidates, len(docs)))
+    spec = {
+        "queries": fingerprint(clean_q),
+        "data": fingerprint(docs),
+        "top_k": k,
+        "query_rank": rank,
+        "damping": damping,
+        "per_token": per_token,
+        "candidates": candidates,
+        "factors": an.factors_checksum,
+    }
+    target = Path(out) if out is not None else run_dir_for(workdir, qpath, data_path, spec)
+    against = (
+        f"{len(docs)} training documents"
+        if candidates is None
+        else (f"each one's top {min(candidates, len(docs))} BM25 candidates among {len(docs)} training documents")
+    )
+    log(f"scoring {len(qs)} queries against {against} (query rank {rank or 'full'})")
+    t0 = time.perf_counter()
+    try:
+        sc = an.scores(
+            clean_q,
+            docs,
+            batch_size=bs,
+            damping=damping,
+            query_rank=rank,
+            per_layer=True,
+            per_token=per_token,
+            candidates=candidates,
+        )
+    except ExampleError as e:
+        raise at_location(e, docs, data_path) from e
+    if sc.meta.get("cached"):
+        log(f"reusing the cached scores of an identical earlier run ({sc.meta.get('run', {}).get('id')})")
+    top, bottom = sc.top(k), sc.bottom(k)
+    shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
+    tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
+    token_scores = _shown_token_scores(an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress)
+    seconds = time.perf_counter() - t0
+    pieces = {i: token_pieces(tok, ids) for i, ids in tokens_of.items()}
+    layers = list(an.layers)
+
+    def entry(q: int, i: int, score: float) -> dict:
+        raw = token_scores[q][i]
+        # The value at position t comes from the gradient there, which carries the loss of
+        # predicting token t+1; show it on that token (the last position predicts nothing).
+        return {
+            "index": i,
+            "score": score,
+            "text": document_text(docs[i], tok),
+            "tokens": pieces[i],
+            "token_scores": [0.0] + raw[:-1],
+            "per_layer": {n: float(sc.per_layer[n][q, i]) for n in layers},
+        }
+
+    results = build_results(qs, sc, k, layers, entry)
+    run = {
+        "title": title or f"headwater report: {workdir.name}",
+        "created": now(),
+        "workdir": str(workdir.resolve()),
+        "factors": an.factors_checksum,
+        "queries_file": str(qpath),
+        "data": str(data_path),
+        "data_fingerprint": fingerprint(docs),
+        "n_train": len(docs),
+        "n_queries": len(qs),
+        "top_k": k,
+        "query_rank": rank,
+        "candidates": candidates,
+        "damping": sc.meta.get("damping"),
+        "damping_arg": damping,
+        "per_token": per_token,
+        "layers": layers,
+        "strategy": settings.get("strategy"),
+        "score_seconds": round(seconds, 2),
+        "spec": spec,
+    }
+    write_run(target, sc, results, run, render(results, sc, settings, run, source=str(target / RESULTS_FILE)))
+    log(f"scored in {seconds:.1f}s -> {target}/ ({SCORES_FILE}, {RESULTS_FILE}, {REPORT_FILE})")
+    return {"results": results, "out": target, "scores": sc, "run": run}
