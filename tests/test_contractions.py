@@ -11,7 +11,7 @@ import torch
 
 import headwater as hw
 from _models import lm_data, lm_queries, tiny_gpt2
-from headwater.scoring import _low_rank_token_scores
+from headwater.scoring import low_rank_token_scores
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "headwater"
 
@@ -26,7 +26,7 @@ def test_no_einsum_in_the_package_has_more_than_two_operands() -> None:
     assert offenders == []
 
 
-def test_low_rank_token_scores_match_the_dense_definition() -> None:
+def testlow_rank_token_scores_match_the_dense_definition() -> None:
     g = torch.Generator().manual_seed(0)
     a, gr = (
         torch.randn(3, 5, 7, generator=g, dtype=torch.float64),
@@ -38,7 +38,7 @@ def test_low_rank_token_scores_match_the_dense_definition() -> None:
     )
     p = u @ v.mT  # [Q, O, I]
     want = torch.stack([torch.stack([(gr[n] @ p[q] * a[n]).sum(-1) for n in range(3)]) for q in range(2)])
-    torch.testing.assert_close(_low_rank_token_scores(a, gr, u, v), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(low_rank_token_scores(a, gr, u, v), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rank", [None, 2])

@@ -108,18 +108,18 @@ def test_half_precision_records_round_to_the_exact_ones(tmp_path, gpt2, dtype, t
 
 def test_projections_are_seeded_and_preserve_inner_products_in_expectation():
     for kind in ("gaussian", "rademacher", "orthogonal"):
-        a = hwi._random_projection(kind, 64, 40, seed=7)
-        torch.testing.assert_close(a, hwi._random_projection(kind, 64, 40, seed=7))
-        assert not torch.equal(a, hwi._random_projection(kind, 64, 40, seed=8))
+        a = hwi.random_projection(kind, 64, 40, seed=7)
+        torch.testing.assert_close(a, hwi.random_projection(kind, 64, 40, seed=7))
+        assert not torch.equal(a, hwi.random_projection(kind, 64, 40, seed=8))
         mean = (
             sum(
-                hwi._random_projection(kind, 8, 40, seed=s).mT @ hwi._random_projection(kind, 8, 40, seed=s)
+                hwi.random_projection(kind, 8, 40, seed=s).mT @ hwi.random_projection(kind, 8, 40, seed=s)
                 for s in range(400)
             )
             / 400
         )
         torch.testing.assert_close(mean, torch.eye(40, dtype=torch.float64), atol=0.15, rtol=0)
-    q = hwi._random_projection("orthogonal", 12, 12, seed=1)
+    q = hwi.random_projection("orthogonal", 12, 12, seed=1)
     torch.testing.assert_close(q @ q.mT, torch.eye(12, dtype=torch.float64))
 
 
@@ -259,36 +259,44 @@ def test_defaults_workdir_path_and_engine_curvature_when_fitted_else_projected_e
 # ---------------------------------------------------------------------------------------
 
 
+class _CrashingTask(hw.LanguageModelingTask):
+    """Raises KeyboardInterrupt on the ``crash_at``-th training loss while armed (a killed build)."""
+
+    crash_at: int | None = None
+    calls = 0
+
+    def loss(self, model, batch, sample=False):
+        _CrashingTask.calls += 1
+        if _CrashingTask.crash_at is not None and _CrashingTask.calls == _CrashingTask.crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        return super().loss(model, batch, sample)
+
+
 def test_interrupted_build_resumes_at_the_next_shard_and_gives_an_identical_index(tmp_path, gpt2, monkeypatch):
-    an = hw.Attributor(gpt2, modules="mlp")
+    an = hw.Attributor(gpt2, task=_CrashingTask(), modules="mlp")
     train = lm_data(10)
     kwargs = dict(dim=4, batch_size=2, shard_size=3, curvature="ekfac")
     reference = build_index(an, train, path=tmp_path / "ref", **kwargs)
 
-    write = hwi._write_shard
-    calls = []
-
-    def crash_after_two(*a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        calls.append(a[0].name)
-        return write(*a, **k)
-
-    monkeypatch.setattr(hwi, "_write_shard", crash_after_two)
+    _CrashingTask.calls, _CrashingTask.crash_at = 0, 5  # shards of 3 records in batches of 2: dies in shard 2
     with pytest.raises(KeyboardInterrupt):
         build_index(an, train, path=tmp_path / "run", **kwargs)
+    _CrashingTask.crash_at = None
     partial = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [e["file"] for e in partial["shards"]] == ["shard-00000.bin", "shard-00001.bin"]
     assert not partial["complete"] and not list((tmp_path / "run").glob("*.part"))
     with pytest.raises(ValueError, match=r"incomplete \(2 of 4 shards.*run build_index with the same arguments"):
         query_index(an, lm_queries(1), tmp_path / "run")
 
-    monkeypatch.setattr(hwi, "_write_shard", write)
     passes = []
-    record_pass = hwi._record_pass
-    monkeypatch.setattr(
-        hwi, "_record_pass", lambda an, data, *a: passes.append(data.start) or record_pass(an, data, *a)
-    )
+    run_pass = hw.attributor.run_pass
+
+    def spy(*args, **kw):  # the public loop: which shards pass over their records
+        if kw["phase"] == "index records":
+            passes.append(args[3].start)
+        return run_pass(*args, **kw)
+
+    monkeypatch.setattr(hw.attributor, "run_pass", spy)
     resumed = build_index(an, train, path=tmp_path / "run", **kwargs)
     assert passes == [6, 9]  # only the missing shards
     assert resumed.manifest["shards"] == reference.manifest["shards"]  # same bytes, same checksums

@@ -27,24 +27,22 @@ from torch import nn
 from . import __version__
 from .curvature import (
     INVERSE,
-    CovarianceAccumulator,
-    DiagonalAccumulator,
     IdentityCurvature,
     Inverse,
-    LambdaAccumulator,
     LayerCurvature,
     curvature_from_tensors,
+    fit_curvature,
     get_strategy,
     resolve_damping,
     warn_zero_curvature,
 )
-from .data import check_data, fingerprint
+from .data import check_data, fingerprint, sample_examples
 from .distributed import barrier, is_main
-from .engine import Consumer, eval_mode, is_sharded, model_device, run_pass, spec_key
+from .engine import Consumer, model_device, run_pass, spec_key
 from .errors import NotFittedError
 from .fisher import DEFAULT_TOP, FISHERS, pseudo_losses, resolve_fisher
 from .layers import select_layers
-from .refine import check_refine, refine
+from .refine import check_refine, refined_query_gradients
 from .scoring import QueryGradientConsumer, QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
 from .storage import SCHEMA_VERSION, load_tensors, model_fingerprint, save_tensors
 from .task import LanguageModelingTask, Task
@@ -69,7 +67,13 @@ class Settings:
     progress: bool = False
 
     @classmethod
-    def validate(cls, task: Task, **kw: Any) -> Settings:
+    def validate(cls, model: Any, task: Any, **kw: Any) -> Settings:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(task, Task):
+            raise TypeError(
+                f"task must be a headwater Task (e.g. hw.LanguageModelingTask()), got {type(task).__name__}"
+            )
         s = cls(**kw)
         check_choice(s.strategy, "strategy", STRATEGIES)
         check_choice(s.fisher, "fisher", FISHERS)
@@ -86,36 +90,33 @@ class Settings:
         return cls(**{**asdict(s), "fisher": fisher})
 
 
+def workdir_config(model: nn.Module, task: Task, s: Settings, layers: dict) -> dict:
+    """What a workdir records and checks (``Workdir.open``): the model, task, settings and layers."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "headwater": __version__,
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "model_path": _local_path(model),
+        "task": {"class": type(task).__name__, "fingerprint": task.fingerprint()},
+        "strategy": s.strategy,
+        "fisher": s.fisher,
+        "samples": s.samples,
+        "top": s.top if s.fisher == "topk" else None,
+        "seed": s.seed,
+        "modules": {n: [ad.kind, ad.out_features, ad.in_features] for n, ad in layers.items()},
+        "layers": list(layers),  # model order (JSON objects are written with sorted keys)
+    }
+
+
 class Attributor:
     """Influence functions with an EK-FAC (or K-FAC, diagonal, identity) Gauss-Newton.
 
-    Parameters
-    ----------
-    model : nn.Module
-        A HF causal LM or any PyTorch model; its ``nn.Linear`` and HF ``Conv1D`` layers are
-        tracked. It is put in eval mode during each pass and restored after.
-    task : Task
-        Loss, query measurement and scored tokens. Defaults to ``LanguageModelingTask()``.
-    strategy : {"identity", "diagonal", "kfac", "ekfac"}
-    modules : None, "mlp" or list of str
-        Which layers to track: every supported layer, the MLP projections, or by name.
-    fisher : {"auto", "topk", "importance", "sampled", "empirical", "exact"}
-        How the Gauss-Newton's pseudo-gradients are formed (``headwater.fisher``). "auto" is
-        "topk" for the built-in tasks and "sampled" for tasks without ``scored_outputs``;
-        ``an.fisher`` holds the resolved choice.
-    samples : int
-        Pseudo-losses (backward passes) per batch, averaged; all from one forward pass.
-    top : int
-        Labels per token that "topk" takes exactly (default 8).
-    workdir : path or None
-        Where factors, checkpoints and cached scores persist; None keeps them in memory.
-    seed : int
-        Seeds the pseudo-label draws; each batch gets its own derived seed.
-    progress : bool
-        Show progress bars with rate and ETA.
-    checkpoint_every : int or None
-        With a workdir, save progress every this many batches per rank, so an interrupted job
-        resumes; None turns it off.
+    ``model``: a HF causal LM or any PyTorch model (its ``nn.Linear`` and HF ``Conv1D`` layers are
+    tracked; each pass runs in eval mode). ``task``: loss, measurement and scored tokens (default
+    ``LanguageModelingTask()``). ``modules``: None (every supported layer), "mlp" or names.
+    ``workdir``: where factors, checkpoints and cached scores persist (None: in memory). The other
+    arguments are ``Settings`` (``strategy``, ``fisher``: see ``headwater.fisher``, resolved in
+    ``an.fisher``; ``samples``, ``top``, ``seed``, ``progress``, ``checkpoint_every``).
     """
 
     def __init__(
@@ -132,45 +133,16 @@ class Attributor:
         progress: bool = False,
         checkpoint_every: int | None = 50,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         task = LanguageModelingTask() if task is None else task
-        if not isinstance(task, Task):
-            raise TypeError(
-                f"task must be a headwater Task (e.g. hw.LanguageModelingTask()), got {type(task).__name__}"
-            )
-        self.settings = Settings.validate(
-            task,
-            strategy=strategy,
-            fisher=fisher,
-            samples=samples,
-            top=top,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-        )
+        given = dict(strategy=strategy, fisher=fisher, samples=samples, top=top, seed=seed, progress=progress)
+        self.settings = Settings.validate(model, task, checkpoint_every=checkpoint_every, **given)
         self.model, self.task = model, task
         self.layers = select_layers(model, modules)
         self.shapes = {n: (ad.out_features, ad.in_features) for n, ad in self.layers.items()}
         self.curvature: dict[str, LayerCurvature] | None = None
-        self.fit_fingerprint: str | None = None
-        self.factors_checksum: str | None = None
-        self.fitted_at: str | None = None  # when the factors were fitted (from the workdir)
+        self.fit_fingerprint = self.factors_checksum = self.fitted_at = None  # set by fit or the workdir
+        self.config = workdir_config(model, task, self.settings, self.layers)
         s = self.settings
-        self.config = {
-            "schema": SCHEMA_VERSION,
-            "headwater": __version__,
-            "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-            "model_path": _local_path(model),
-            "task": {"class": type(task).__name__, "fingerprint": task.fingerprint()},
-            "strategy": s.strategy,
-            "fisher": s.fisher,
-            "samples": s.samples,
-            "top": s.top if s.fisher == "topk" else None,
-            "seed": s.seed,
-            "modules": {n: [ad.kind, ad.out_features, ad.in_features] for n, ad in self.layers.items()},
-            "layers": list(self.layers),  # model order (JSON objects are written with sorted keys)
-        }
         if s.strategy == "identity":
             self.curvature = {n: IdentityCurvature(shape) for n, shape in self.shapes.items()}
         self.workdir = Workdir(workdir) if workdir is not None else None
@@ -210,39 +182,28 @@ class Attributor:
 
     def run(self, data: Any, consumer: Consumer, losses: Any, phase: str, batch_size: int, **kw: Any) -> Consumer:
         """``engine.run_pass`` over ``data`` with this Attributor's model, task, layers, seed and progress."""
-        return run_pass(
-            self.model,
-            self.task,
-            self.layers,
-            data,
-            consumer,
-            losses=losses,
-            batch_size=batch_size,
-            phase=phase,
-            seed=self.seed,
-            progress=self.progress,
-            **kw,
-        )
-
-    def _fit_pass(self, acc: Consumer, data: Any, batch_size: int, phase: str, spec: dict, overwrite: bool) -> None:
-        every = self.settings.checkpoint_every
-        ckpt = self.workdir.fit_checkpoint(phase, spec, every, overwrite) if self.workdir is not None else None
-        self.run(data, acc, self.fit_losses, phase, batch_size, checkpoint=ckpt)
-        if ckpt is not None:
-            ckpt.clear()
+        opts = dict(losses=losses, batch_size=batch_size, phase=phase, seed=self.seed, progress=self.progress)
+        return run_pass(self.model, self.task, self.layers, data, consumer, **opts, **kw)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: Any, batch_size: int = 8, overwrite: bool = False, keep_covariance: bool = False) -> Attributor:
-        """Estimate the curvature: covariance pass -> eigendecomposition -> eigenvalue-correction pass.
+    def fit(
+        self,
+        data: Any,
+        batch_size: int = 8,
+        overwrite: bool = False,
+        keep_covariance: bool = False,
+        max_examples: int | None = None,
+    ) -> Attributor:
+        """Estimate the curvature: the passes of ``curvature.fit_curvature`` over ``data``.
 
-        With a workdir, the factors are saved and reused (a second ``fit`` on the same data loads
-        them), a crash resumes from the last checkpoint, and refitting removes every result
-        derived from the old factors. The covariance sums are removed after the fit unless
-        ``keep_covariance``. Under ``torch.distributed`` each rank takes every world-th batch
-        and the eigendecompositions are spread over the ranks.
+        With a workdir the factors are saved and reused (a second ``fit`` on the same data loads
+        them), a crash resumes from the last checkpoint, refitting removes every result derived
+        from the old factors, and the covariance sums are removed unless ``keep_covariance``.
+        ``max_examples=N`` fits on a seeded random subset of N examples (large corpora: the
+        factors need far fewer sequences than scoring does).
         """
-        data = check_data(data, "training data")
-        batch_size = check_int(batch_size, "batch_size")
+        data, batch_size = check_data(data, "training data"), check_int(batch_size, "batch_size")
+        data = sample_examples(data, check_int(max_examples, "max_examples", allow_none=True), self.seed)
         strategy = get_strategy(self.strategy)
         if not strategy.requires_fit:
             return self
@@ -256,24 +217,7 @@ class Attributor:
                 "or use a new workdir"
             )
         spec = {"fit_data": fp, "batch_size": batch_size, "config": spec_key(self.config)}
-        if strategy.diagonal:
-            acc = DiagonalAccumulator(self.shapes, self.device)
-            self._fit_pass(acc, data, batch_size, "diagonal", spec, overwrite)
-            curvature = acc.diagonal()
-        else:
-            cov = CovarianceAccumulator(self.shapes, self.device)
-            saved = self.workdir.load_covariance(spec) if self.workdir is not None and not overwrite else None
-            if saved is not None:
-                cov.load_state(saved)
-            else:
-                self._fit_pass(cov, data, batch_size, "covariance", spec, overwrite)
-                if self.workdir is not None:  # a crash from here on resumes after the covariance pass
-                    self.workdir.save_covariance(cov.state(), spec)
-            curvature = cov.kfac(self.progress)
-            if strategy.eigenvalue_correction:
-                lam = LambdaAccumulator(curvature, self.device)
-                self._fit_pass(lam, data, batch_size, "eigenvalue correction", spec, overwrite)
-                curvature = lam.ekfac()
+        curvature = fit_curvature(self, strategy, data, batch_size, spec, overwrite)
         warn_zero_curvature(curvature)
         self.curvature, self.fit_fingerprint, self.fitted_at = curvature, fp, _now()
         if self.workdir is not None:
@@ -310,60 +254,33 @@ class Attributor:
         refine_blocks: str = "full",
         response: Inverse | None = None,
     ) -> dict[str, QueryGradients]:
-        """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer, optionally low-rank.
+        """Preconditioned query gradients (G + lambda I)^-1 grad f_q per layer (low-rank with ``query_rank``).
 
-        Every rank computes all of them. ``refine_steps=n`` replaces them by n preconditioned
-        conjugate-gradient steps toward the exact damped Gauss-Newton over ``refine_data``
-        (``headwater.refine``), EK-FAC being the preconditioner; ``refine_blocks`` is "full"
-        (cross-layer terms of G) or "layer". That holds every query's full gradient in memory
-        and costs n + 1 passes over the data. ``response`` replaces the damped inverse by another
-        spectral function of the fitted eigenvalues (see ``curvature.Inverse``).
+        Every rank computes all of them. ``refine_steps=n``: n PCG steps toward the exact damped
+        Gauss-Newton over ``refine_data`` (``headwater.refine``; n + 1 passes, full gradients in
+        memory). ``response``: another spectral function of the eigenvalues (``curvature.Inverse``).
         """
-        queries = check_data(queries, "queries")
-        batch_size = check_int(batch_size, "batch_size")
+        queries, batch_size = check_data(queries, "queries"), check_int(batch_size, "batch_size")
         query_rank = check_int(query_rank, "query_rank", allow_none=True)
-        refine_steps, refine_blocks = self._check_refine(refine_steps, refine_blocks)
-        if refine_steps and refine_data is None:
-            raise ValueError(f"refine_steps={refine_steps} needs refine_data, the data G is taken over (the fit data)")
-        if refine_steps and response is not None:
-            raise ValueError("refine_steps solves (G + lambda I)^-1 exactly; it cannot apply another response")
-        curvature, lam = self._require_fitted(), self.damping(damping)
-        consumer = QueryGradientConsumer(
-            list(self.layers),
-            None if refine_steps else curvature,
-            lam,
-            None if refine_steps else query_rank,
-            response or INVERSE,
-        )
-        self.run(queries, consumer, self.measurement, "query gradients", batch_size, name="queries", shard=False)
-        out = consumer.result()
-        if refine_steps:
-            grads = {n: q.full for n, q in out.items()}
-            refine_data = check_data(refine_data, "refinement data")
-            with eval_mode(self.model):
-                p = refine(
-                    self.model,
-                    self.task,
-                    self.layers,
-                    curvature,
-                    lam,
-                    grads,
-                    refine_data,
-                    refine_steps,
-                    batch_size,
-                    refine_blocks,
-                ).solution
-            out = {n: QueryGradients.build(p[n].to(grads[n].dtype), query_rank) for n in self.layers}
-        return out
-
-    def _check_refine(self, steps: Any, blocks: Any) -> tuple[int, str]:
-        steps, blocks = check_refine(steps, blocks)
-        if steps and is_sharded(self.model):
+        refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks, self.model)
+        if refine_steps and (refine_data is None or response is not None):
             raise ValueError(
-                "refine_steps needs the model's plain parameters for its exact Gauss-Newton products, "
-                "but this model is sharded (FSDP); refine on an unsharded copy, or use refine_steps=0"
+                f"refine_steps={refine_steps} needs refine_data (the data G is taken over) and no "
+                "response (it solves (G + lambda I)^-1 exactly)"
             )
-        return steps, blocks
+        curvature, lam = self._require_fitted(), self.damping(damping)
+        raw = bool(refine_steps)  # refinement preconditions the raw gradients itself
+        consumer = QueryGradientConsumer(
+            list(self.layers), None if raw else curvature, lam, None if raw else query_rank, response or INVERSE
+        )
+        out = self.run(
+            queries, consumer, self.measurement, "query gradients", batch_size, name="queries", shard=False
+        ).result()
+        if not raw:
+            return out
+        data = check_data(refine_data, "refinement data")
+        grads = {n: q.full for n, q in out.items()}
+        return refined_query_gradients(self, grads, lam, data, refine_steps, refine_blocks, batch_size, query_rank)
 
     def scores(
         self,
@@ -380,80 +297,49 @@ class Attributor:
         response: Inverse | None = None,
         cache: bool = True,
     ) -> Scores:
-        """Influence of every training example on every query: ``Scores.values`` [Q, N].
+        """Influence of every training example on every query, ``Scores.values`` [Q, N], in one pass over ``train``.
 
-        One pass over ``train`` serves all queries. Positive means upweighting the training
-        example lowers the query's measurement (for a LM: raises the completion's log-prob).
-
-        With a workdir the run is checkpointed every ``checkpoint_every`` batches and a
-        finished run is cached under a key of everything it depends on (the factors' checksum,
-        the model, the task's settings, both datasets' content, the resolved damping and the
-        options), so a changed input always recomputes. ``candidates=N`` scores only each
-        query's top-N BM25 matches (``headwater.filtering``); ``Scores.mask`` marks them.
-        ``refine_steps=n`` refines the query gradients toward the exact damped Gauss-Newton.
-        ``response`` replaces the damped inverse by another spectral function (``curvature.Inverse``).
-        ``cache=False`` neither reads nor writes the workdir's cache (small one-off re-scorings).
-        ``meta["cached"]`` says whether the result came from the cache.
+        Positive: upweighting the example lowers the query's measurement (a LM: raises the
+        completion's log-prob). With a workdir the run checkpoints and a finished run is cached
+        under a key of everything it depends on (``_ScoreCache``; ``meta["cached"]`` says if it
+        was a hit; ``cache=False`` bypasses it). ``candidates=N``: only each query's top-N BM25
+        matches (``Scores.mask``). ``refine_steps``, ``response``: as in ``query_gradients``.
         """
-        refine_steps, refine_blocks = self._check_refine(refine_steps, refine_blocks)
-        if candidates is not None and refine_steps:
-            raise ValueError("refine_steps needs the whole training set for G; it cannot be combined with candidates=")
+        refine_steps, refine_blocks = check_refine(refine_steps, refine_blocks, self.model)
+        options = dict(
+            batch_size=batch_size,
+            damping=damping,
+            query_rank=query_rank,
+            per_layer=per_layer,
+            per_token=per_token,
+            response=response,
+        )
         if candidates is not None:
+            if refine_steps:
+                raise ValueError("refine_steps needs all of train for G; it cannot be combined with candidates=")
             from .filtering import scores_with_candidates
 
-            return scores_with_candidates(
-                self,
-                queries,
-                train,
-                candidates,
-                batch_size=batch_size,
-                damping=damping,
-                query_rank=query_rank,
-                per_layer=per_layer,
-                per_token=per_token,
-                response=response,
-            )
-        train = check_data(train, "training data")
-        batch_size = check_int(batch_size, "batch_size")
+            return scores_with_candidates(self, queries, train, candidates, **options)
+        train, batch_size = check_data(train, "training data"), check_int(batch_size, "batch_size")
         lam = self.damping(damping)
-        meta: dict[str, Any] = {"strategy": self.strategy, "damping": lam, "query_rank": query_rank, "cached": False}
-        if refine_steps:
-            meta["refine"] = {"steps": refine_steps, "blocks": refine_blocks}
-        if response is not None:
-            meta["response"] = response.spec()
-        key = final = None
-        if self.workdir is not None and cache:
-            spec = {
-                "factors": self.factors_checksum,
-                "model": model_fingerprint(self.model),
-                "task": self.task.fingerprint(),
-                "queries": fingerprint(queries),
-                "train": fingerprint(train),
-                "damping": lam,
-                "query_rank": query_rank,
-                "per_layer": per_layer,
-                "per_token": per_token,
-                "batch_size": batch_size,
-                "refine": [refine_steps, refine_blocks] if refine_steps else None,
-                "response": response.spec() if response is not None else None,
-            }
-            key = spec_key(spec)
-            meta["run"] = {**spec, "id": key}
-            final = self.workdir.cached_scores(key)
-            if final.exists():
-                tensors, saved = load_tensors(final, "cached scores", hint="delete it to recompute")
-                return Scores.from_tensors(tensors, {**saved, "cached": True})
+        meta: dict[str, Any] = {
+            "strategy": self.strategy,
+            "damping": lam,
+            "query_rank": query_rank,
+            "cached": False,
+            "refine": [refine_steps, refine_blocks] if refine_steps else None,
+            "response": response.spec() if response is not None else None,
+        }
+        use_cache = self.workdir is not None and cache
+        cached = _ScoreCache(self, meta, queries, train, per_layer, per_token, batch_size) if use_cache else None
+        if cached is not None and (hit := cached.load()) is not None:
+            return hit
         q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks, response)
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
-        ckpt = self.workdir.score_checkpoint(key, self.settings.checkpoint_every) if key else None
-        self.run(train, acc, self.training_loss, "scoring", batch_size, checkpoint=ckpt)
+        self.run(train, acc, self.training_loss, "scoring", batch_size, checkpoint=cached and cached.checkpoint)
         result = acc.result(meta)
-        if final is not None:
-            barrier()
-            if is_main():
-                save_tensors(final, result.tensors(), meta)
-            if ckpt is not None:
-                ckpt.clear()
+        if cached is not None:
+            cached.save(result)
         return result
 
     def self_influence(self, train: Any, batch_size: int = 8, damping: float | None = None) -> torch.Tensor:
@@ -476,6 +362,37 @@ class Attributor:
         from .index import query_index
 
         return query_index(self, queries, top_k=top_k, **kwargs)
+
+
+class _ScoreCache:
+    """A finished score run in the workdir, keyed by everything it depends on, and its checkpoint.
+
+    The key covers the factors' checksum, the model's current weights, the task's settings
+    (tokenizer, max_length), both datasets' content and every option that changes a number.
+    """
+
+    def __init__(self, an: Attributor, meta: dict, queries: Any, train: Any, *options: Any):
+        spec = {k: v for k, v in meta.items() if k != "cached"}
+        spec.update(factors=an.factors_checksum, model=model_fingerprint(an.model), task=an.task.fingerprint())
+        spec.update(queries=fingerprint(queries), train=fingerprint(train), options=list(options))
+        self.key = spec_key(spec)
+        self.meta = {"id": self.key, **spec}
+        self.final = an.workdir.cached_scores(self.key)
+        self.checkpoint = an.workdir.score_checkpoint(self.key, an.settings.checkpoint_every)
+
+    def load(self) -> Scores | None:
+        if not self.final.exists():
+            return None
+        tensors, saved = load_tensors(self.final, "cached scores", hint="delete it to recompute")
+        return Scores.from_tensors(tensors, {**saved, "cached": True})
+
+    def save(self, result: Scores) -> None:
+        result.meta["run"] = self.meta
+        barrier()
+        if is_main():
+            save_tensors(self.final, result.tensors(), result.meta)
+        if self.checkpoint is not None:
+            self.checkpoint.clear()
 
 
 def _now() -> str:

@@ -17,7 +17,7 @@ import torch
 from .errors import ExampleError, TruncationWarning
 from .task import Task
 
-__all__ = ["check_data", "iter_batches", "fingerprint", "Subset"]
+__all__ = ["check_data", "iter_batches", "fingerprint", "Subset", "sample_examples"]
 
 
 def check_data(data: Any, name: str) -> Any:
@@ -105,3 +105,11 @@ class Subset:
 
     def __getitem__(self, i: int) -> Any:
         return self.data[self.indices[i]]
+
+
+def sample_examples(data: Any, n: int | None, seed: int) -> Any:
+    """A seeded random subset of ``n`` examples in dataset order (all of ``data`` when n is None or >= len)."""
+    if n is None or n >= len(data):
+        return data
+    g = torch.Generator().manual_seed(seed)
+    return Subset(data, sorted(torch.randperm(len(data), generator=g)[:n].tolist()))

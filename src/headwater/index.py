@@ -100,6 +100,7 @@ __all__ = [
     "query_gradients",
     "make_projections",
     "layout_for",
+    "random_projection",
     "GradientIndex",
     "IndexLayer",
     "CorruptIndexError",
@@ -216,7 +217,7 @@ def layout_for(layers: dict, dim: int) -> list[IndexLayer]:
     return out
 
 
-def _random_projection(kind: str, k: int, n: int, seed: int) -> torch.Tensor:
+def random_projection(kind: str, k: int, n: int, seed: int) -> torch.Tensor:
     """[k, n] float64 with E[P^T P] = I, from a generator seeded per layer and side."""
     gen = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
@@ -262,8 +263,8 @@ def make_projections(
         return {ly.name: _kfac_projection(attributor.curvature[ly.name], ly.name, ly.k_out, ly.k_in) for ly in layout}
     return {
         ly.name: (
-            _random_projection(kind, ly.k_out, ly.out_features, _derive(seed, "projection", ly.name, "out")),
-            _random_projection(kind, ly.k_in, ly.in_features, _derive(seed, "projection", ly.name, "in")),
+            random_projection(kind, ly.k_out, ly.out_features, _derive(seed, "projection", ly.name, "out")),
+            random_projection(kind, ly.k_in, ly.in_features, _derive(seed, "projection", ly.name, "in")),
         )
         for ly in layout
     }

@@ -38,11 +38,12 @@ from torch import nn
 
 from .curvature import LayerCurvature
 from .data import iter_batches
+from .engine import eval_mode, is_sharded
 from .layers import LayerAdapter
 from .task import Task
 from .validation import check_choice, check_int
 
-__all__ = ["BLOCKS", "Refined", "refine", "check_refine"]
+__all__ = ["BLOCKS", "Refined", "refine", "check_refine", "refined_query_gradients"]
 
 BLOCKS = ("full", "layer")
 
@@ -57,9 +58,37 @@ class Refined(NamedTuple):
     residuals: list[torch.Tensor]
 
 
-def check_refine(steps: Any, blocks: Any) -> tuple[int, str]:
-    """Validate ``refine_steps`` and ``refine_blocks`` at the public boundary."""
-    return check_int(steps, "refine_steps", low=0), check_choice(blocks, "refine_blocks", BLOCKS)
+def check_refine(steps: Any, blocks: Any, model: nn.Module | None = None) -> tuple[int, str]:
+    """Validate ``refine_steps`` and ``refine_blocks`` at the public boundary.
+
+    Refinement differentiates through the model's plain parameters (``torch.func``), which a
+    sharded (FSDP) model does not have.
+    """
+    steps, blocks = check_int(steps, "refine_steps", low=0), check_choice(blocks, "refine_blocks", BLOCKS)
+    if steps and model is not None and is_sharded(model):
+        raise ValueError(
+            "refine_steps needs the model's plain parameters for its exact Gauss-Newton products, "
+            "but this model is sharded (FSDP); refine on an unsharded copy, or use refine_steps=0"
+        )
+    return steps, blocks
+
+
+def refined_query_gradients(
+    an: Any,
+    grads: dict[str, torch.Tensor],
+    damping: dict[str, float],
+    data: Any,
+    steps: int,
+    blocks: str,
+    batch_size: int,
+    rank: int | None,
+) -> dict[str, Any]:
+    """An Attributor's raw query gradients, refined by ``steps`` PCG steps and truncated to ``rank``."""
+    from .scoring import QueryGradients
+
+    with eval_mode(an.model):
+        p = refine(an.model, an.task, an.layers, an.curvature, damping, grads, data, steps, batch_size, blocks).solution
+    return {n: QueryGradients.build(p[n].to(grads[n].dtype), rank) for n in an.layers}
 
 
 def refine(

@@ -32,6 +32,7 @@ __all__ = [
     "Scores",
     "TopK",
     "QueryGradients",
+    "low_rank_token_scores",
     "QueryGradientConsumer",
     "ScoreAccumulator",
     "SelfInfluenceAccumulator",
@@ -150,7 +151,7 @@ class QueryGradients:
             q, r = self.u.shape[0], self.u.shape[2]
             low_rank_cost = n * s * q * r * (o + i)
             if per_token or low_rank_cost < n * o * i * (s + q):
-                tok = _low_rank_token_scores(a, g, self.u, self.v)
+                tok = low_rank_token_scores(a, g, self.u, self.v)
                 return tok.sum(-1), tok if per_token else None
         p = self.dense
         if per_token:
@@ -163,7 +164,7 @@ class QueryGradients:
         return p.reshape(p.shape[0], -1) @ dw.reshape(n, -1).mT, None
 
 
-def _low_rank_token_scores(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def low_rank_token_scores(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Per-token scores ``g_t^T U_q V_q^T a_t`` [Q, N, S] from a [N,S,I], g [N,S,O], U [Q,O,R], V [Q,I,R].
 
     Two GEMMs, (N*S, O) x (O, Q*R) and (N*S, I) x (I, Q*R), then a product summed over R:

@@ -15,6 +15,7 @@ from .accumulators import (
     Projected,
 )
 from .damping import resolve_damping, warn_zero_curvature
+from .fit import fit_curvature
 from .linalg import lapack_threads, symmetric_eigh
 from .operators import (
     DAMPING_SCALE,
@@ -38,6 +39,7 @@ __all__ = [
     "DiagonalAccumulator",
     "LambdaAccumulator",
     "Projected",
+    "fit_curvature",
     "resolve_damping",
     "warn_zero_curvature",
     "lapack_threads",

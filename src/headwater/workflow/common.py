@@ -25,6 +25,10 @@ __all__ = [
     "Log",
     "CLI_FILE",
     "RUNS",
+    "RUN_FILE",
+    "RESULTS_FILE",
+    "SCORES_FILE",
+    "REPORT_FILE",
     "quiet_log",
     "now",
     "parse_modules",
@@ -40,6 +44,11 @@ __all__ = [
 Log = Callable[[str], None]
 CLI_FILE = "cli.json"
 RUNS = "results"  # WORKDIR/results/<run>/: one directory per scoring run
+# The files of a run directory (see ``workflow.score``).
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.jsonl"
+SCORES_FILE = "scores.safetensors"
+REPORT_FILE = "report.html"
 CLI_SCHEMA = 2
 # Engine settings -> the command-line option that sets them (for messages).
 FLAGS = {

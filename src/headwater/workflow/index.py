@@ -147,8 +147,8 @@ def query_workdir_index(
     from ..data import fingerprint
     from ..index import GradientIndex, query_index
     from ..io import document_text, read_documents, read_queries
+    from .common import RESULTS_FILE
     from .outputs import render
-    from .score import RESULTS_FILE
 
     workdir = Path(workdir)
     qpath = Path(queries).resolve()

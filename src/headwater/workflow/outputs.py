@@ -32,7 +32,7 @@ def render(results: list[dict], scores: Any, settings: dict, meta: dict, source:
 
 def resolve_run(path: str | Path, log: Log = quiet_log) -> Path:
     """The run directory ``path`` names: itself, or a workdir's only (else most recent) run."""
-    from .score import RESULTS_FILE, RUN_FILE, SCORES_FILE
+    from .common import RESULTS_FILE, RUN_FILE, SCORES_FILE
 
     path = Path(path)
     if not path.exists():
@@ -77,7 +77,7 @@ def _no_constant(name: str) -> Any:
 def read_run(run_dir: Path) -> tuple[dict, list[dict], Any]:
     """(run.json, results rows, Scores) of a run directory, all verified."""
     from ..scoring import Scores
-    from .score import RESULTS_FILE, RUN_FILE, SCORES_FILE
+    from .common import RESULTS_FILE, RUN_FILE, SCORES_FILE
 
     hint = f"rerun `headwater score` (or delete {run_dir})"
     if not (run_dir / RUN_FILE).exists():
@@ -96,8 +96,7 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict], Any]:
 def write_report(path: str | Path, out: str | Path | None = None, log: Log = quiet_log) -> Path:
     """Rebuild a run's report.html from its saved files (no model needed)."""
     from ..storage import atomic_write_text
-    from .common import read_settings
-    from .score import REPORT_FILE, RESULTS_FILE
+    from .common import REPORT_FILE, RESULTS_FILE, read_settings
 
     run_dir = resolve_run(path, log)
     run, results, scores = read_run(run_dir)
@@ -113,7 +112,7 @@ def analyze_run(path: str | Path, log: Log = quiet_log, **kwargs: Any) -> dict:
     """``headwater.analysis.analyze_workdir`` on a verified run directory; writes its analysis.json."""
     from ..analysis import analyze_workdir
     from ..storage import save_json
-    from .score import RUN_FILE
+    from .common import RUN_FILE
 
     run_dir = resolve_run(path, log)
     if (run_dir / RUN_FILE).exists():

@@ -23,14 +23,20 @@ from typing import Any
 from ..errors import ExampleError
 from ..io import InputError, check_relevant
 from ..storage import atomic_write_text, json_checksum, save_json, save_tensors
-from .common import RUNS, Log, at_location, check_queries_fit, now, reopen
+from .common import (
+    REPORT_FILE,
+    RESULTS_FILE,
+    RUN_FILE,
+    RUNS,
+    SCORES_FILE,
+    Log,
+    at_location,
+    check_queries_fit,
+    now,
+    reopen,
+)
 
 __all__ = ["score_workdir", "build_results", "write_run", "run_dir_for", "RUN_FILE", "RESULTS_FILE", "SCORES_FILE"]
-
-RUN_FILE = "run.json"
-RESULTS_FILE = "results.jsonl"
-SCORES_FILE = "scores.safetensors"
-REPORT_FILE = "report.html"
 
 
 def run_dir_for(workdir: Path, queries: Path, data: Path, spec: dict) -> Path:
