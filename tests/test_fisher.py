@@ -156,7 +156,7 @@ def lm_lambda():
     def estimate(fisher: str, top: int, seed: int, samples: int = 1) -> torch.Tensor:
         an = hw.Attributor(model, modules=modules, fisher=fisher, top=top, samples=samples, seed=seed)
         acc = LambdaAccumulator({name: op})
-        an._fit_pass(acc, data, 8, "eigenvalue correction", "test", False)
+        an.run(data, acc, an.fit_losses, "eigenvalue correction", 8)
         return acc.ekfac()[name].lam
 
     return exact, estimate

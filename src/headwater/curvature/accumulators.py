@@ -22,7 +22,7 @@ import torch
 from ..distributed import all_reduce_, broadcast_, rank_world
 from ..engine import Consumer, LayerCapture, per_example_grads
 from ..errors import check_finite
-from .linalg import symmetric_eigh
+from .linalg import symmetric_eigh, symmetric_eigh_many
 from .operators import DenseEigenCurvature, DiagonalCurvature, EigenCurvature, rotated_grads
 
 __all__ = [
@@ -98,20 +98,30 @@ class CovarianceAccumulator(Accumulator):
             counts[1] += c.a.shape[0]  # sequences
         self._add(c.name, "S", g.mT @ g)
 
-    def eigendecompose(self, name: str) -> list[torch.Tensor]:
-        """Eigendecomposition of the normalized A and S: [q_a, eig_a, q_s, eig_s], float64."""
+    def _normalized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.get(name, "counts")[0].item()
         if tokens == 0:
             raise ValueError(f"layer {name!r} saw no scored tokens while fitting")
         a = check_finite(self.get(name, "A") / tokens, name, "input covariance A")
         s = check_finite(self.get(name, "S") / tokens, name, "gradient covariance S")
-        eig_a, q_a = symmetric_eigh(a)
-        eig_s, q_s = symmetric_eigh(s)
-        return [q_a.contiguous(), eig_a.clamp_min(0), q_s.contiguous(), eig_s.clamp_min(0)]
+        return a, s
+
+    def eigendecompose(self, names: list[str], workers: int | None = None) -> dict[str, list[torch.Tensor]]:
+        """Eigendecompositions of the normalized A and S of ``names``: {layer: [q_a, eig_a, q_s, eig_s]}.
+
+        All of their factors go to ``symmetric_eigh_many`` together: float64, concurrent
+        single-threaded calls (``curvature.linalg`` measures why both).
+        """
+        out = symmetric_eigh_many([m for n in names for m in self._normalized(n)], workers=workers)
+        res = {}
+        for i, n in enumerate(names):
+            (eig_a, q_a), (eig_s, q_s) = out[2 * i], out[2 * i + 1]
+            res[n] = [q_a.contiguous(), eig_a.clamp_min(0), q_s.contiguous(), eig_s.clamp_min(0)]
+        return res
 
     def kfac_layer(self, name: str, eig: list[torch.Tensor] | None = None) -> EigenCurvature:
         """One layer's K-FAC operator; ``eig`` is its ``eigendecompose`` result if already computed."""
-        q_a, eig_a, q_s, eig_s = eig if eig is not None else self.eigendecompose(name)
+        q_a, eig_a, q_s, eig_s = eig if eig is not None else self.eigendecompose([name])[name]
         tokens, sequences = self.get(name, "counts").tolist()
         return EigenCurvature(q_a, q_s, (tokens / sequences) * torch.outer(eig_s, eig_a))
 
@@ -119,15 +129,22 @@ class CovarianceAccumulator(Accumulator):
         """Every layer's K-FAC operator: eigendecomposition of layer i on rank i % world, then broadcast."""
         rank, world = rank_world()
         names = list(self.shapes)
-        eig: dict[str, list[torch.Tensor]] = {}
-        shown = names
+        mine = [n for i, n in enumerate(names) if i % world == rank]
+        # two layers per call: one layer's A and S differ too much in size (769 vs 3072) to
+        # overlap well; several ranks on one machine keep one worker each
+        chunks = [mine[j : j + 2] for j in range(0, len(mine), 2)]
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            shown = tqdm(names, desc="eigendecomposition", unit="layer", leave=False, dynamic_ncols=True)
-        for i, n in enumerate(shown):
-            if i % world == rank:
-                eig[n] = self.eigendecompose(n)
+            bar = tqdm(total=len(mine), desc="eigendecomposition", unit="layer", leave=False, dynamic_ncols=True)
+        eig: dict[str, list[torch.Tensor]] = {}
+        for chunk in chunks:
+            eig.update(self.eigendecompose(chunk, workers=None if world == 1 else 1))
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         if world > 1:
             device = self.get(names[0], "A").device
             for i, n in enumerate(names):
