@@ -11,8 +11,12 @@ out the machine's speed. The default is the CPU configuration from the engine is
 cross-entropy, ``loss.backward()`` into ``.grad``. headwater's fit is its covariance pass +
 eigendecompositions + eigenvalue-correction pass; its score is query gradients + one scoring
 pass over the training data. kronfluence's EK-FAC is timed on the same model and data when
-it is installed (``pip install headwater[peers]``), with the same modules, batch size and
+it is installed (``bash scripts/install_peers.sh``), with the same modules, batch size and
 query rank.
+
+headwater runs with torch's ``opt_einsum`` path search switched off (``--opt-einsum off``, the
+default), as on the default install, where the package is absent; kronfluence needs it and
+gets it back for its own run.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def autocast(args):
 
 def run_headwater(model, train, queries, args) -> dict:
     out = {}
+    torch.backends.opt_einsum.enabled = args.opt_einsum == "on"
     an = hw.Attributor(model, modules="mlp", strategy="ekfac")
     with autocast(args):
         out["fit"], _ = timed(lambda: an.fit(train, batch_size=args.batch_size), args.device)
@@ -108,6 +113,7 @@ def run_headwater(model, train, queries, args) -> dict:
         out["score_mem"] = peak_mb(args.device)
         out["score_full"], _ = timed(lambda: an.scores(queries, train, batch_size=args.batch_size), args.device)
     out["values"] = res.values
+    torch.backends.opt_einsum.enabled = True
     return out
 
 
@@ -208,6 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=2, help="plain passes; the fastest is the baseline")
     p.add_argument("--no-kronfluence", action="store_true")
+    p.add_argument(
+        "--opt-einsum", default="off", choices=["off", "on"], help="torch's einsum path search for headwater"
+    )
     args = p.parse_args(argv)
 
     model, train, queries = build(args)
@@ -216,6 +225,9 @@ def main(argv=None) -> None:
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(f"# config: {vars(args)}")
+    print(
+        f"# opt_einsum installed: {torch.backends.opt_einsum.is_available()}; headwater runs with it {args.opt_einsum}"
+    )
     plain_forward_backward(model, train[: args.batch_size], args.batch_size, args.device)  # warm-up
     base = min(
         timed(lambda: plain_forward_backward(model, train, args.batch_size, args.device), args.device)[0]

@@ -30,6 +30,12 @@ _EXPORTS = {
     "LanguageModelingTask": "task",
     "ClassificationTask": "task",
     "RegressionTask": "task",
+    "SequenceClassificationTask": "task",
+    "Seq2SeqTask": "task",
+    "TokenMasks": "task",
+    "UntrackedWarning": "layers",
+    "describe_layers": "layers",
+    "coverage": "layers",
 }
 _SUBMODULES = (
     "analysis",
@@ -43,6 +49,8 @@ _SUBMODULES = (
     "index",
     "io",
     "layers",
+    "adapters",
+    "experts",
     "refine",
     "report",
     "scoring",

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .data import iter_batches
 from .engine import Capture, per_example_grads
-from .layers import LayerAdapter
+from .adapters import LayerAdapter
 from .task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, model_logits
 
 __all__ = [
@@ -57,6 +57,12 @@ class ParameterSpace:
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, LayerAdapter]):
+        experts = [n for n, ad in layers.items() if ad.kind == "expert"]
+        if experts:
+            raise ValueError(
+                f"layer {experts[0]!r} is one expert's slice of a fused MoE parameter; exact Gauss-Newton products "
+                "(refine_steps, LiSSA, PBRF) need whole parameters, so leave the experts out of modules for these"
+            )
         self.model = model
         self.layers = layers
         self.shapes = {n: (ad.out_features, ad.in_features) for n, ad in layers.items()}

@@ -39,7 +39,7 @@ from torch import nn
 from .curvature import LayerCurvature
 from .data import iter_batches
 from .engine import eval_mode, is_sharded
-from .layers import LayerAdapter
+from .adapters import LayerAdapter
 from .task import Task
 from .validation import check_choice, check_int
 

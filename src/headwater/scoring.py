@@ -246,7 +246,7 @@ class ScoreAccumulator(Consumer):
             self._add(start, f"layer::{c.name}", sc)
         if tok is not None:
             # a module called k times per forward: fold its k*S tokens back onto the sequence
-            self._add(start, "tokens", tok.reshape(*tok.shape[:2], c.calls, -1).sum(2).to(self.dtype))
+            self._add(start, "tokens", c.fold_tokens(tok).to(self.dtype))
 
     def finish_batch(self, start: int) -> None:
         """Move the batch's sums to the CPU in one transfer (one device sync per batch, not per layer)."""

@@ -44,6 +44,9 @@ __all__ = [
     "LanguageModelingTask",
     "ClassificationTask",
     "RegressionTask",
+    "SequenceClassificationTask",
+    "Seq2SeqTask",
+    "TokenMasks",
     "IGNORE",
     "model_logits",
     "sample_categorical",
@@ -450,3 +453,338 @@ def _as_list(x: Any) -> list[int]:
     if isinstance(x, torch.Tensor):
         return x.reshape(-1).tolist()
     return list(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models beyond causal LMs: encoder classifiers and encoder-decoders.
+
+
+class TokenMasks:
+    """The token masks of a batch whose model has several token axes (an encoder-decoder).
+
+    ``axes``: one bool mask [N, S_k] per axis, in the order per-token scores lay their tokens out
+    (for ``Seq2SeqTask``: source, then target). ``scored``: the axis whose tokens the loss scores;
+    the engine refuses an example without any of them. The capture gives each layer call the mask
+    of the axis whose length its token axis has (encoder layers and cross-attention keys/values
+    see the source, the rest of the decoder the target), so the lengths must differ: a task pads
+    one side by a position when they would not (``Seq2SeqTask.collate`` does).
+
+    It answers ``any(dim)`` and ``shape`` for its scored axis, as a plain mask would.
+    """
+
+    def __init__(self, axes: Sequence[torch.Tensor], scored: int = -1):
+        axes = tuple(axes)
+        if not axes or any(not isinstance(m, torch.Tensor) or m.dim() != 2 for m in axes):
+            raise ValueError("TokenMasks needs one or more [N, S] bool masks")
+        n, lengths = axes[0].shape[0], [m.shape[1] for m in axes]
+        if any(m.shape[0] != n for m in axes):
+            raise ValueError(f"TokenMasks got masks for {[m.shape[0] for m in axes]} sequences; they must agree")
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(
+                f"TokenMasks got token axes of lengths {lengths}: the capture tells a layer's axis by its length, so "
+                "they must differ; pad one side of the batch by a position (attention 0, label -100)"
+            )
+        if not -len(axes) <= scored < len(axes):
+            raise ValueError(f"scored={scored} is not one of the {len(axes)} axes")
+        self.axes = tuple(m.bool() for m in axes)
+        self.scored = scored % len(axes)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.axes[self.scored].shape
+
+    def any(self, dim: int = 1, keepdim: bool = False) -> torch.Tensor:
+        """Which sequences have a scored token (over the scored axis), as ``Tensor.any``."""
+        return self.axes[self.scored].any(dim=dim, keepdim=keepdim)
+
+    def __repr__(self) -> str:
+        return f"TokenMasks(lengths={[m.shape[1] for m in self.axes]}, scored={self.scored})"
+
+
+def _tokenize(tokenizer: Any, text: str, task: str, pair: str | None = None, target: bool = False) -> list[int]:
+    """Token ids with the model's special tokens ([CLS]/[SEP], </s>): encoders and seq2seq need them."""
+    if tokenizer is None:
+        raise ValueError(f"got raw text but {task} has no tokenizer; pass {task}(tokenizer=...) or pre-tokenized ids")
+    if target:
+        try:
+            enc = tokenizer(text_target=text)
+        except TypeError:  # a tokenizer without text_target: targets are encoded as any text
+            enc = tokenizer(text)
+    else:
+        enc = tokenizer(text, pair) if pair is not None else tokenizer(text)
+    ids = enc["input_ids"] if isinstance(enc, Mapping) else enc.ids
+    return list(ids)
+
+
+def _pad_id(tokenizer: Any, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return pad_token_id
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
+def _cut(ids: list[int], limit: int | None, i: int, what: str) -> list[int]:
+    if limit is None or len(ids) <= limit:
+        return ids
+    warnings.warn(
+        TruncationWarning(i, f": its {what} was truncated from {len(ids)} to max length {limit} tokens"), stacklevel=3
+    )
+    return ids[:limit]
+
+
+def _right_pad(rows: list[list[int]], length: int, fill: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class SequenceClassificationTask(Task):
+    """Sequence classification with a HF ``AutoModelForSequenceClassification`` (BERT, RoBERTa, DistilBERT, ...).
+
+    Examples: ``{"text": ..., "label": int}`` (``"text_pair"`` for sentence pairs) with a
+    tokenizer, or pre-tokenized ``{"input_ids", "attention_mask"?, "token_type_ids"?, "label"}``
+    (``"labels"`` also accepted). Loss and measurement: the cross-entropy of the given label,
+    summed over examples, so a positive score means upweighting the training example raises the
+    query's log-probability of its label. ``token_mask`` marks the real (non-padding) tokens:
+    every encoder position feeds the prediction, so all of them enter the covariances; a pooled
+    head (BERT's pooler, the classifier) counts once per sequence.
+    """
+
+    likelihood = "categorical"
+    exact_fisher = True  # one backward pass per class
+
+    def __init__(self, tokenizer: Any = None, max_length: int | None = None, pad_token_id: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1 token, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_token_id = _pad_id(tokenizer, pad_token_id)
+
+    def _example(self, item: Any, i: int) -> tuple[list[int], list[int] | None, int]:
+        if not isinstance(item, Mapping):
+            raise ExampleError(i, f" is a {type(item).__name__}; a classification example is a dict with a 'label'")
+        label = item.get("label", item.get("labels"))
+        if label is None:
+            raise ExampleError(i, f" has no 'label' (found {list(item.keys())}); give each example its class index")
+        label = int(label.item() if isinstance(label, torch.Tensor) else label)
+        types = None
+        if "input_ids" in item:
+            ids = _as_list(item["input_ids"])
+            keep = _as_list(item["attention_mask"]) if "attention_mask" in item else [1] * len(ids)
+            if "token_type_ids" in item:
+                types = [t for t, m in zip(_as_list(item["token_type_ids"]), keep) if m]
+            ids = [t for t, m in zip(ids, keep) if m]  # drop padding that came with the example
+        elif "text" in item:
+            name = type(self).__name__
+            ids = _tokenize(self.tokenizer, item["text"], name, item.get("text_pair"))
+            if item.get("text_pair") is not None:
+                enc = self.tokenizer(item["text"], item["text_pair"])
+                types = list(enc["token_type_ids"]) if "token_type_ids" in enc else None
+        else:
+            raise ExampleError(
+                i, f" has no 'input_ids' or 'text' (found {list(item.keys())}); a classification example needs one"
+            )
+        if not ids:
+            raise ExampleError(i, " has no tokens")
+        ids = _cut(ids, self.max_length, i, "text")
+        return ids, None if types is None else types[: len(ids)], label
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example; padding gets attention 0."""
+        rows = [self._example(item, i) for i, item in enumerate(items)]
+        s = max(len(ids) for ids, _, _ in rows)
+        batch = {
+            "input_ids": _right_pad([ids for ids, _, _ in rows], s, self.pad_token_id),
+            "attention_mask": _right_pad([[1] * len(ids) for ids, _, _ in rows], s, 0),
+            "labels": torch.tensor([label for _, _, label in rows], dtype=torch.long),
+        }
+        if all(types is not None for _, types, _ in rows):
+            batch["token_type_ids"] = _right_pad([types for _, types, _ in rows], s, 0)
+        return batch
+
+    def _logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+            found = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"a sequence-classification batch needs 'input_ids' and 'labels' (found {found})")
+        kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = model_logits(model(**kwargs))
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)}, not [N, classes >= 2]; "
+                "SequenceClassificationTask needs a classifier (num_labels >= 2)"
+            )
+        return logits
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        logits = self._logits(model, batch)
+        labels = batch["labels"]
+        if sample:
+            with torch.no_grad():
+                labels = sample_categorical(logits)
+        return F.cross_entropy(wide(logits), labels, reduction="sum")
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss(model, batch, sample=False)
+
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` label draws per example from one forward pass (see ``Task``)."""
+        if overrides_loss(self, SequenceClassificationTask):
+            return super().sampled_losses(model, batch, samples)
+        logits = self._logits(model, batch)
+        with torch.no_grad():
+            drawn = sample_categorical(logits, samples)  # [N, k]
+        return label_losses(F.log_softmax(wide(logits), dim=-1), drawn, samples**-0.5)
+
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Logits [N, C]."""
+        return self._logits(model, batch)
+
+    def token_mask(self, batch: Any) -> torch.Tensor:
+        """The real tokens: every one of them feeds the prediction."""
+        if not isinstance(batch, Mapping) or "attention_mask" not in batch:
+            raise ValueError("a sequence-classification batch needs an 'attention_mask' (collate makes one)")
+        return batch["attention_mask"].bool()
+
+
+class Seq2SeqTask(Task):
+    """Sequence-to-sequence language modelling with a HF ``AutoModelForSeq2SeqLM`` (T5, BART, ...).
+
+    Examples: ``{"source", "target"}`` (or ``{"prompt", "completion"}``) with a tokenizer, or
+    pre-tokenized ``{"input_ids", "labels", "attention_mask"?}`` with ``labels`` the target ids
+    (-100 for target tokens that are not scored). The decoder is teacher-forced: its input is
+    ``[decoder_start] + target[:-1]`` and position t predicts ``labels[t]``. Loss and measurement:
+    the target's summed NLL, so a positive score means upweighting the training pair raises the
+    query target's log-probability.
+
+    ``token_mask`` is ``TokenMasks((source tokens, scored target positions), scored=1)``: encoder
+    layers (and cross-attention keys/values) run on the source, whose real tokens all feed the
+    prediction; decoder layers run on the target, scored where ``labels != -100``. Per-token
+    scores lay the source tokens first, then the target's. Since the capture tells the two axes
+    apart by length, ``collate`` pads the target by one position when both would be equally long.
+    """
+
+    likelihood = "categorical"
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        max_target_length: int | None = None,
+        pad_token_id: int | None = None,
+    ):
+        for name, value in (("max_length", max_length), ("max_target_length", max_target_length)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 token, got {value}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        self.pad_token_id = _pad_id(tokenizer, pad_token_id)
+
+    def _example(self, item: Any, i: int) -> tuple[list[int], list[int], list[int]]:
+        """(source ids, target ids, labels) of one example."""
+        if not isinstance(item, Mapping):
+            raise ExampleError(i, f" is a {type(item).__name__}; a seq2seq example is a dict")
+        name = type(self).__name__
+        if "input_ids" in item:
+            if item.get("labels") is None:
+                raise ExampleError(
+                    i, f" has 'input_ids' but no 'labels' (found {list(item.keys())}): give the target ids"
+                )
+            src = _as_list(item["input_ids"])
+            if "attention_mask" in item:
+                src = [t for t, m in zip(src, _as_list(item["attention_mask"])) if m]
+            labels = _as_list(item["labels"])
+            target = [t if t != IGNORE else self.pad_token_id for t in labels]
+        else:
+            source = item.get("source", item.get("prompt"))
+            text = item.get("target", item.get("completion"))
+            if source is None or text is None:
+                raise ExampleError(
+                    i,
+                    f" has no 'source' + 'target' (or 'prompt' + 'completion', or 'input_ids' + 'labels'); found "
+                    f"{list(item.keys())}",
+                )
+            src = _tokenize(self.tokenizer, source, name)
+            target = _tokenize(self.tokenizer, text, name, target=True)
+            labels = list(target)
+        if not src or not target:
+            raise ExampleError(i, f" has an empty {'source' if not src else 'target'}")
+        src = _cut(src, self.max_length, i, "source")
+        target = _cut(target, self.max_target_length, i, "target")
+        return src, target, labels[: len(target)]
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        """Right-pad sources and targets; the target one position longer if both would be equally long."""
+        rows = [self._example(item, i) for i, item in enumerate(items)]
+        s_src = max(len(src) for src, _, _ in rows)
+        s_tgt = max(len(tgt) for _, tgt, _ in rows)
+        s_tgt += int(s_tgt == s_src)  # TokenMasks tells the axes apart by length
+        return {
+            "input_ids": _right_pad([src for src, _, _ in rows], s_src, self.pad_token_id),
+            "attention_mask": _right_pad([[1] * len(src) for src, _, _ in rows], s_src, 0),
+            "target_ids": _right_pad([tgt for _, tgt, _ in rows], s_tgt, self.pad_token_id),
+            "decoder_attention_mask": _right_pad([[1] * len(tgt) for _, tgt, _ in rows], s_tgt, 0),
+            "labels": _right_pad([lab for _, _, lab in rows], s_tgt, IGNORE),
+        }
+
+    def _check(self, batch: Any) -> None:
+        need = ("input_ids", "attention_mask", "target_ids", "labels")
+        if not isinstance(batch, Mapping) or any(k not in batch for k in need):
+            found = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"a seq2seq batch needs {list(need)} (found {found}); build it with Seq2SeqTask.collate")
+
+    def _forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder logits [N, S_tgt, V] and their labels [N, S_tgt]."""
+        self._check(batch)
+        config = getattr(model, "config", None)
+        start = getattr(config, "decoder_start_token_id", None)
+        if start is None:
+            raise ValueError(
+                f"{type(model).__name__}.config has no decoder_start_token_id, so the decoder's first input is "
+                "unknown; set model.config.decoder_start_token_id"
+            )
+        target = batch["target_ids"]
+        decoder_input_ids = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], dim=1)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=batch.get("decoder_attention_mask"),
+        )
+        return model_logits(out), batch["labels"]
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        logits, labels = self._forward(model, batch)
+        scored = labels != IGNORE
+        if sample:
+            with torch.no_grad():
+                drawn = sample_categorical(logits[scored])
+            labels = labels.clone()
+            labels[scored] = drawn
+        return F.cross_entropy(
+            wide(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.loss(model, batch, sample=False)
+
+    def sampled_losses(self, model: nn.Module, batch: Any, samples: int) -> list[torch.Tensor]:
+        """``samples`` label draws per scored target token from one forward pass (see ``Task``)."""
+        if overrides_loss(self, Seq2SeqTask):
+            return super().sampled_losses(model, batch, samples)
+        logits, labels = self._forward(model, batch)
+        logits = logits[labels != IGNORE]  # [M, V]
+        with torch.no_grad():
+            drawn = sample_categorical(logits, samples)  # [M, k]
+        return label_losses(F.log_softmax(wide(logits), dim=-1), drawn, samples**-0.5)
+
+    def scored_outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Decoder logits at the scored target positions, [M, V]."""
+        logits, labels = self._forward(model, batch)
+        return logits[labels != IGNORE]
+
+    def token_mask(self, batch: Any) -> TokenMasks:
+        """Source tokens for the encoder's axis, scored target positions for the decoder's."""
+        self._check(batch)
+        return TokenMasks((batch["attention_mask"].bool(), batch["labels"] != IGNORE), scored=1)

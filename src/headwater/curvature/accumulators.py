@@ -15,6 +15,7 @@ the whole state, so summing them across ranks (all-reduce) or saving and reloadi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -99,9 +100,10 @@ class CovarianceAccumulator(Accumulator):
         self._add(c.name, "S", g.mT @ g)
 
     def _normalized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.get(name, "counts")[0].item()
-        if tokens == 0:
-            raise ValueError(f"layer {name!r} saw no scored tokens while fitting")
+        """A / tokens and S / tokens. A layer that saw no scored token (an expert no token was routed
+        to) has zero factors: zero curvature, which ``warn_zero_curvature`` reports and the
+        damping floor keeps finite."""
+        tokens = max(self.get(name, "counts")[0].item(), 1.0)
         a = check_finite(self.get(name, "A") / tokens, name, "input covariance A")
         s = check_finite(self.get(name, "S") / tokens, name, "gradient covariance S")
         return a, s
@@ -239,7 +241,7 @@ class Projected(Consumer):
         if key not in self._cast:
             self._cast[key] = tuple(p.to(c.a.device, c.a.dtype) for p in self.projections[c.name])
         p_out, p_in = self._cast[key]
-        return LayerCapture(c.name, c.a @ p_in.mT, c.g @ p_out.mT, c.mask, c.calls)  # [N,S,k_in], [N,S,k_out]
+        return dataclasses.replace(c, a=c.a @ p_in.mT, g=c.g @ p_out.mT)  # [N,S,k_in], [N,S,k_out]
 
     def records(self, c: LayerCapture) -> torch.Tensor:
         """Projected per-sequence gradients P_out dW P_in^T, [N, k_out, k_in]."""

@@ -55,7 +55,8 @@ def warn_zero_curvature(curvature: dict[str, LayerCurvature]) -> None:
     warnings.warn(
         f"{len(zero)} of {len(curvature)} layers have zero curvature on the fit data ({shown}): every "
         "pseudo-gradient there is 0, because the model is certain of its outputs on that data or nothing "
-        "the layer outputs changes the loss (e.g. a fresh LoRA adapter with B = 0). The paper's damping "
+        "the layer outputs changes the loss (e.g. a fresh LoRA adapter with B = 0, or an expert no token was "
+        "routed to). The paper's damping "
         f"would be 0; these layers use damping {floor:.3g} instead "
         + ("(the smallest other layer's)" if floor != 1.0 or len(zero) < len(curvature) else "(every layer is flat)"),
         ZeroCurvatureWarning,

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import LayerAdapter
 from ..data import iter_batches
 from ..distributed import all_reduce_max, barrier, is_main, rank_world
 from ..errors import ExampleError
-from ..layers import LayerAdapter
 from ..storage import load_tensors, save_tensors
 from ..task import Task
 from .capture import Capture, LayerCapture

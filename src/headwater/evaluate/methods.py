@@ -35,7 +35,7 @@ import torch
 from ..attributor import Attributor
 from ..curvature import DAMPING_SCALE, EigenCurvature
 from ..gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, stream_scores
-from ..layers import conv1d_to_linear
+from ..adapters import conv1d_to_linear
 from .lissa import LiSSA
 from .trainers import Benchmark
 
