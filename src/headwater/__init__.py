@@ -49,6 +49,7 @@ _SUBMODULES = (
     "index",
     "io",
     "layers",
+    "plan",
     "adapters",
     "experts",
     "refine",

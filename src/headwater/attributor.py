@@ -350,6 +350,12 @@ class Attributor:
         self.run(train, acc, self.training_loss, "self-influence", batch_size)
         return acc.result()
 
+    def plan(self, data: Any, batch_size: int = 8, **kwargs: Any) -> Any:
+        """Memory, disk and time each stage will need, from one probed batch (``headwater.plan.plan_run``)."""
+        from .plan import plan_run
+
+        return plan_run(self, data, batch_size=batch_size, **kwargs)
+
     # ------------------------------------------------------------------ index
     def build_index(self, train: Any, dim: int | None = None, batch_size: int = 8, **kwargs: Any) -> Any:
         """Build a persistent projected-gradient index of ``train`` (see ``headwater.index.build_index``)."""
