@@ -342,6 +342,23 @@ class Attributor:
             cached.save(result)
         return result
 
+    def rank(
+        self, queries: Any, train: Any, k: int = 20, batch_size: int = 8, damping: float | None = None, **kw: Any
+    ) -> Any:
+        """Each query's top-k and bottom-k training sequences with memory flat in N (``headwater.ranking``).
+
+        ``kw``: ``query_rank``, ``per_layer``, ``values_path`` (write the full [Q, N] scores to that
+        memory-mapped file), ``response``.
+        """
+        from .ranking import RankingAccumulator
+
+        train, k = check_data(train, "training data"), check_int(k, "k")
+        opts = {x: kw.pop(x) for x in ("per_layer", "values_path") if x in kw}
+        q = self.query_gradients(queries, batch_size, damping, **kw)
+        acc = RankingAccumulator(q, len(train), k, opts.get("per_layer", False), opts.get("values_path"))
+        self.run(train, acc, self.training_loss, "scoring", batch_size)
+        return acc.result({"strategy": self.strategy, "damping": self.damping(damping), "k": k})
+
     def self_influence(self, train: Any, batch_size: int = 8, damping: float | None = None) -> torch.Tensor:
         """grad L_m^T (G + lambda I)^-1 grad L_m for every training example, [N]."""
         train = check_data(train, "training data")
