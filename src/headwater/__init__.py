@@ -36,6 +36,9 @@ _EXPORTS = {
     "UntrackedWarning": "layers",
     "describe_layers": "layers",
     "coverage": "layers",
+    "Unrolled": "training",
+    "Source": "training",
+    "Segment": "training",
 }
 _SUBMODULES = (
     "analysis",
@@ -59,6 +62,9 @@ _SUBMODULES = (
     "task",
     "workdir",
     "workflow",
+    "training",
+    "integrations",
+    "ranking",
 )
 
 __all__ = [*_EXPORTS, "__version__"]

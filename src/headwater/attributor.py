@@ -239,8 +239,13 @@ class Attributor:
             )
         return self.curvature
 
-    def damping(self, damping: float | None = None) -> dict[str, float]:
-        """Per-layer damping: the paper's 0.1 x mean eigenvalue (floored where it is 0), or an absolute value."""
+    def damping(self, damping: float | str | None = None) -> dict[str, float]:
+        """Per-layer damping: the paper's 0.1 x mean eigenvalue (floored where it is 0), an absolute value,
+        or "calibrate": the choice ``headwater.training.calibrate_damping`` cached in the workdir."""
+        if damping == "calibrate":
+            from .training import calibrated_damping
+
+            return calibrated_damping(self)
         return resolve_damping(self._require_fitted(), damping)
 
     def query_gradients(

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from .adapters import LayerAdapter
 from .data import iter_batches
 from .engine import Capture, per_example_grads
-from .adapters import LayerAdapter
 from .task import IGNORE, ClassificationTask, LanguageModelingTask, RegressionTask, Task, model_logits
 
 __all__ = [

@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .adapters import LayerAdapter
 from .curvature import LayerCurvature
 from .data import iter_batches
 from .engine import eval_mode, is_sharded
-from .adapters import LayerAdapter
 from .task import Task
 from .validation import check_choice, check_int
 

@@ -52,6 +52,10 @@ class Inverse:
         """``coords`` (in the eigenbasis) times the response of each coordinate's eigenvalue."""
         return coords / (eigenvalues + damping)
 
+    def without_curvature(self, v: torch.Tensor) -> torch.Tensor:
+        """The response where no curvature is modelled (strategy "identity"): influence uses v itself."""
+        return v
+
 
 INVERSE = Inverse()
 
@@ -101,7 +105,7 @@ class IdentityCurvature(LayerCurvature):
         return torch.zeros_like(v)
 
     def solve(self, v: torch.Tensor, damping: float, response: Inverse = INVERSE) -> torch.Tensor:
-        return v
+        return response.without_curvature(v)
 
 
 class DiagonalCurvature(LayerCurvature):

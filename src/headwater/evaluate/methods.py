@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
+from ..adapters import conv1d_to_linear
 from ..attributor import Attributor
 from ..curvature import DAMPING_SCALE, EigenCurvature
 from ..gauss_newton import ParameterSpace, dense_gauss_newton, layer_gradients, stream_scores
-from ..adapters import conv1d_to_linear
 from .lissa import LiSSA
 from .trainers import Benchmark
 
