@@ -216,7 +216,8 @@ class Attributor:
                 f"data (fingerprint {self.fit_fingerprint}, this data {fp}); pass overwrite=True to refit, "
                 "or use a new workdir"
             )
-        spec = {"fit_data": fp, "batch_size": batch_size, "config": spec_key(self.config)}
+        dtype = str(next(self.model.parameters()).dtype)  # fp32 and bf16 weights share a fingerprint
+        spec = {"fit_data": fp, "batch_size": batch_size, "config": spec_key(self.config), "dtype": dtype}
         curvature = fit_curvature(self, strategy, data, batch_size, spec, overwrite)
         warn_zero_curvature(curvature)
         self.curvature, self.fit_fingerprint, self.fitted_at = curvature, fp, _now()

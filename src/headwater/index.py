@@ -406,18 +406,25 @@ def _curvature_from_tensors(kind: str, layout: list[IndexLayer], tensors: dict[s
 _VERIFIED: set[tuple[str, int, int, str]] = set()
 
 
+# What to do about a damaged index file, in both vocabularies. build_index rewrites a damaged
+# shard or curvature file by itself, but not a damaged manifest or projections file (they define
+# the index): those need the index removed first, which the command's --overwrite does.
+_REBUILD = (
+    "build the index again on the same data (`headwater index build`, or build_index(..., path=...)), which "
+    "rewrites damaged shards; if the projections or the manifest are damaged, pass --overwrite (from Python, "
+    "delete the index directory first)"
+)
+
+
 def _check_file(path: Path, entry: dict, checksum: bool) -> None:
     """Raise CorruptIndexError naming ``path`` if it is missing, has the wrong size or checksum."""
     if not path.exists():
-        raise CorruptIndexError(
-            f"index file {path} is missing (the manifest lists it); rebuild with build_index(..., path=...) "
-            "on the same data, which rewrites only missing or damaged shards"
-        )
+        raise CorruptIndexError(f"index file {path} is missing (the manifest lists it); {_REBUILD}")
     st = path.stat()
     if st.st_size != entry["bytes"]:
         raise CorruptIndexError(
             f"index file {path} is {st.st_size} bytes but the manifest records {entry['bytes']}: it is truncated "
-            "or was replaced; rebuild with build_index(..., path=...) on the same data to rewrite it"
+            f"or was replaced; {_REBUILD}"
         )
     if checksum:
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
@@ -426,7 +433,7 @@ def _check_file(path: Path, entry: dict, checksum: bool) -> None:
         if _sha256_file(path) != entry["sha256"]:
             raise CorruptIndexError(
                 f"index file {path} does not match its sha256 checksum in the manifest: it was altered or damaged; "
-                "rebuild with build_index(..., path=...) on the same data to rewrite it"
+                f"{_REBUILD}"
             )
         _VERIFIED.add(key)
 
@@ -456,7 +463,7 @@ class GradientIndex:
             raise FileNotFoundError(
                 f"no index at {path} ({MANIFEST} is missing); build one with build_index(an, train, path=...)"
             )
-        manifest = load_json(path / MANIFEST)
+        manifest = load_json(path / MANIFEST, hint=_REBUILD)
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path / MANIFEST} is not a headwater index of format version {FORMAT_VERSION} "

@@ -195,7 +195,22 @@ def _clean_table(ds: Any, path: Path) -> Any:
         if nulls:
             raise InputError(f"{path}: column '{c}' has {nulls} missing value(s); drop those rows")
         _check_column_type(path, c, col.type)
+        _check_column_values(path, c, col)
     return ds
+
+
+def _check_column_values(path: Path, name: str, col: Any) -> None:
+    """Every value must decode: parquet does not check that string bytes are UTF-8 (nor do its
+    readers), so a damaged file would otherwise fail mid-fit on the first bad row, naming nothing."""
+    import pyarrow as pa
+
+    try:
+        col.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise InputError(
+            f"{path}: column '{name}' holds invalid values ({_first_line(e)}): the file is damaged or not UTF-8; "
+            "write it again"
+        ) from e
 
 
 def _check_column_type(path: Path, name: str, kind: Any) -> None:

@@ -101,9 +101,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negatives signal process groups, never one writer
+        return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process (or no such PID at all)
         return False
     except PermissionError:  # someone else's live process
         return True
@@ -127,7 +129,10 @@ def clean_leftovers(directory: str | Path) -> list[Path]:
             continue
         host, _, pid = parts[1].rpartition("-")
         if host == _HOST and pid.isdigit() and not _alive(int(pid)):
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only share: leave it, it harms nothing
+                continue
             removed.append(path)
     return removed
 

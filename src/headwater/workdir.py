@@ -126,7 +126,7 @@ class Workdir:
         """Saved covariance sums for exactly this covariance pass (``spec``), or None."""
         if not self.covariance_path.exists():
             return None
-        meta, _ = tensors_meta(self.covariance_path)
+        meta, _ = tensors_meta(self.covariance_path, hint=f"delete it, or {REFIT}")
         if meta.get("pass") != spec_key(spec):
             return None
         return load_tensors(self.covariance_path, "covariance sums", hint=f"delete it, or {REFIT}")[0]

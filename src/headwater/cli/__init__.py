@@ -172,7 +172,7 @@ def score(
         int, typer.Option("--query-rank", min=0, help="Low-rank query gradients (the paper uses 32); 0 = exact.")
     ] = 32,
     damping: Annotated[
-        float | None, typer.Option(min=0.0, help="Absolute damping (default: 0.1 x mean eigenvalue per layer).")
+        float | None, typer.Option(help="Absolute damping, >= 0 (default: 0.1 x mean eigenvalue per layer).")
     ] = None,
     per_token: Annotated[
         bool, typer.Option("--per-token", help="Save per-token scores for every training sequence ([Q, N, T]).")

@@ -90,7 +90,7 @@ def query(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Most positive and most negative documents.")] = 20,
     damping: Annotated[
-        float | None, typer.Option(min=0.0, help="Absolute damping (default: 0.1 x mean projected eigenvalue).")
+        float | None, typer.Option(help="Absolute damping, >= 0 (default: 0.1 x mean projected eigenvalue).")
     ] = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,

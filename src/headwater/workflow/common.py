@@ -9,16 +9,18 @@ directory) or from ``--model``, and the data from ``--data``.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExampleError, TruncationWarning
+from ..errors import ExampleError, HeadwaterWarning, TruncationWarning
 from ..io import InputError, where
-from ..storage import load_json
+from ..storage import clean_leftovers, load_json
 from ..workdir import CONFIG_FILE, WorkdirMismatchError
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "RESULTS_FILE",
     "SCORES_FILE",
     "REPORT_FILE",
+    "ANALYSIS_FILE",
     "quiet_log",
     "now",
     "parse_modules",
@@ -38,6 +41,10 @@ __all__ = [
     "cli_mismatch",
     "at_location",
     "check_queries_fit",
+    "check_damping",
+    "check_fit_data",
+    "located_warnings",
+    "tidy",
     "FLAGS",
 ]
 
@@ -49,6 +56,7 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.jsonl"
 SCORES_FILE = "scores.safetensors"
 REPORT_FILE = "report.html"
+ANALYSIS_FILE = "analysis.json"  # written by `headwater analyze`
 CLI_SCHEMA = 2
 # Engine settings -> the command-line option that sets them (for messages).
 FLAGS = {
@@ -197,7 +205,9 @@ def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log) -> N
     """Tokenize every query once before scoring: say which prompts are cut, refuse what cannot fit.
 
     A prompt too long for ``max_length`` is truncated from the left (the completion is what is
-    measured); a completion that cannot fit at all is an error naming the query's line.
+    measured) with a warning naming the query's line, shown even with --quiet; a completion that
+    cannot fit at all is an error naming it. Run the scoring under ``located_warnings`` with
+    ``queries=None`` so the engine does not repeat these warnings without the line.
     """
     for i, q in enumerate(queries):
         with warnings.catch_warnings(record=True) as caught:
@@ -210,4 +220,77 @@ def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log) -> N
                 raise InputError(f"{where(queries, path, i)}: {e}") from e
         for w in caught:
             if isinstance(w.message, TruncationWarning):
-                log(f"{where(queries, path, i)}{w.message.detail}")
+                warnings.warn(HeadwaterWarning(f"{where(queries, path, i)}{w.message.detail}"), stacklevel=2)
+
+
+def check_fit_data(an: Any, docs: Any, path: Path, workdir: Path) -> None:
+    """The data file recorded at fit time must still hold the data the factors were fitted on.
+
+    Scoring it after an edit would silently mix factors of the old data with the new one; an
+    explicit ``--data`` (any file, this one included) is the user's choice and is not checked.
+    """
+    from ..data import fingerprint
+
+    fp = fingerprint(docs)
+    if an.fit_fingerprint is not None and fp != an.fit_fingerprint:
+        raise InputError(
+            f"the training data {path} changed since the fit (fingerprint {an.fit_fingerprint}, now {fp}), so the "
+            f"factors no longer describe it; refit with `headwater fit --overwrite --workdir {workdir} ...`, or pass "
+            f"--data {path} to use it with the existing factors anyway"
+        )
+
+
+def check_damping(damping: float | None) -> float | None:
+    """``--damping`` refused in the command line's terms before anything is read or written.
+
+    NaN and inf pass a plain ``>= 0`` option check (inf then turns every score into 0), so
+    the option takes any float and is checked here, giving the usual one-line error.
+    """
+    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+        raise InputError(
+            f"--damping {damping} is not a finite non-negative number; pass e.g. --damping 1e-3, or omit "
+            "--damping for the paper's rule (0.1 x the mean eigenvalue of each layer)"
+        )
+    return damping
+
+
+@contextlib.contextmanager
+def located_warnings(sources: dict[str, tuple[Any, Path] | None]) -> Iterator[None]:
+    """Show the engine's truncation warnings with the file and line of the example they are about.
+
+    The engine says "training data: example 7: ..."; ``sources`` maps the dataset's name
+    ("training data", "queries"; "" for a bare ``task.collate``) to ``(records, path)`` for
+    ``where``, or to None to drop them
+    (already said, e.g. by ``check_queries_fit``). Each is shown once, not once per pass over the
+    data (a fit makes two). Other warnings pass through unchanged.
+    """
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        outer = warnings.showwarning
+
+        def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            if isinstance(message, TruncationWarning):
+                name = message.context.removesuffix(": ")  # "" for a direct task.collate
+                if name in sources:
+                    src = sources[name]
+                    if src is None:
+                        return
+                    message = f"{where(src[0], src[1], message.index)}{message.detail}"
+                    if message in seen:
+                        return
+                    seen.add(message)
+            outer(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def tidy(*dirs: Path) -> None:
+    """Remove dead writers' temporary files (a SIGKILL between write and rename) under ``dirs``.
+
+    Every command does this for the directories it reads or writes, read-only ones included:
+    such a file is garbage by construction (its writer is gone), and removing it is best-effort.
+    """
+    for d in dirs:
+        with contextlib.suppress(OSError):
+            clean_leftovers(d)

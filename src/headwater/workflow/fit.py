@@ -10,14 +10,19 @@ from typing import Any
 from ..errors import ExampleError
 from ..io import InputError
 from ..storage import load_json, save_json
+from ..validation import check_choice
 from ..workdir import CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, WorkdirMismatchError
-from .common import CLI_FILE, CLI_SCHEMA, RUNS, Log, at_location, cli_mismatch, now, parse_modules
+from .common import CLI_FILE, CLI_SCHEMA, RUNS, Log, at_location, cli_mismatch, located_warnings, now, parse_modules
 
 __all__ = ["fit_workdir", "factor_table", "MAX_FACTOR_SIDE"]
 
 # The largest factor side fitted without --allow-large: an 8192 x 8192 float64 eigendecomposition
 # takes minutes on a CPU and 512 MiB; GPT-2's 50k-vocabulary lm_head would need 20 GB and hours.
 MAX_FACTOR_SIDE = 8192
+# The estimators the command line offers: "exact" needs a task with few outputs, never a language model.
+FISHERS = ("auto", "topk", "importance", "sampled", "empirical")
+# cli.json entries that describe how the factors were fitted: a fit that reuses them keeps these.
+FIT_RUNTIME = ("created", "batch_size", "device", "fit_seconds", "headwater")
 
 
 def factor_table(an: Any) -> tuple[list[dict], int]:
@@ -74,17 +79,28 @@ def _reset(workdir: Path) -> None:
         shutil.rmtree(workdir / name, ignore_errors=True)
 
 
-def _check_previous(workdir: Path, max_length: int, tok_hash: str, fp: str) -> None:
-    """A workdir fitted with another truncation, tokenizer or data needs --overwrite."""
+def _previous(workdir: Path) -> dict | None:
+    """The cli.json of a workdir that already holds factors, else None."""
     prev_path = workdir / CLI_FILE
     if not (workdir / FACTORS_FILE).exists() or not prev_path.exists():
+        return None
+    return load_json(prev_path, hint=f"pass --overwrite to refit into {workdir}")
+
+
+def _check_previous(
+    prev: dict | None, workdir: Path, max_length: int, tok_hash: str, fp: str, dtype: str, model_dtype: str
+) -> None:
+    """A workdir fitted with another truncation, tokenizer, precision or data needs --overwrite.
+
+    The precision is compared as loaded (``model_dtype``), so ``--dtype auto`` on a float32
+    checkpoint matches a float32 fit; bf16 and fp32 weights have the same model fingerprint,
+    so without this check a bf16 fit would silently reuse float32 factors.
+    """
+    if prev is None:
         return
-    prev = load_json(prev_path, hint=f"pass --overwrite to refit into {workdir}")
-    changed = [
-        f"{k}={prev.get(k)!r} (now {v!r})"
-        for k, v in (("max_length", max_length), ("tokenizer_sha256", tok_hash))
-        if k in prev and prev[k] != v
-    ]
+    checks = [("max_length", max_length), ("tokenizer_sha256", tok_hash)]
+    checks.append(("model_dtype", model_dtype) if "model_dtype" in prev else ("dtype", dtype))
+    changed = [f"{k}={prev.get(k)!r} (now {v!r})" for k, v in checks if k in prev and prev[k] != v]
     if changed:
         raise InputError(
             f"workdir {workdir} was fitted with {', '.join(changed)}; pass --overwrite to refit, or use a new workdir"
@@ -143,15 +159,14 @@ def fit_workdir(
     elif max_length > ctx:
         raise InputError(f"--max-length {max_length} exceeds the model's context length {ctx}; pass at most {ctx}")
     mods = parse_modules(modules)
+    fisher = check_choice(fisher, "--fisher", FISHERS)
     fp = fingerprint(docs)
     tok_hash = tokenizer_sha256(tok_path)
-    if overwrite:
-        _reset(workdir)
-    else:
-        _check_previous(workdir, max_length, tok_hash, fp)
+    model_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
-    try:
-        an = hw.Attributor(
+
+    def attributor(into: Path | None) -> Any:
+        return hw.Attributor(
             net,
             task=task,
             strategy=strategy,
@@ -159,10 +174,21 @@ def fit_workdir(
             fisher=fisher,
             samples=samples,
             top=top,
-            workdir=workdir,
+            workdir=into,
             seed=seed,
             progress=progress,
         )
+
+    # Settings are validated before --overwrite removes anything: a typo must not cost the old fit.
+    attributor(None)
+    prev = None
+    if overwrite:
+        _reset(workdir)
+    else:
+        prev = _previous(workdir)
+        _check_previous(prev, workdir, max_length, tok_hash, fp, dtype, model_dtype)
+    try:
+        an = attributor(workdir)
     except WorkdirMismatchError as e:
         raise cli_mismatch(e, workdir) from e
     reuse = an.curvature is not None and an.fit_fingerprint == fp and strategy != "identity"
@@ -176,7 +202,8 @@ def fit_workdir(
         )
         _check_sizes(an, allow_large, max_factor_side, log)
         try:
-            an.fit(docs, batch_size=batch_size, keep_covariance=keep_covariance)
+            with located_warnings({"training data": (docs, data_path)}):
+                an.fit(docs, batch_size=batch_size, keep_covariance=keep_covariance)
         except ExampleError as e:
             raise at_location(e, docs, data_path) from e
     seconds = time.perf_counter() - t0
@@ -202,8 +229,13 @@ def fit_workdir(
         "seed": seed,
         "device": device,
         "dtype": dtype,
+        "model_dtype": model_dtype,
         "fit_seconds": round(seconds, 2),
     }
+    if reuse and prev is not None:
+        # Nothing was fitted: cli.json keeps saying how the factors were made (batch size,
+        # device, when), not what this no-op command was given.
+        settings.update({k: prev[k] for k in FIT_RUNTIME if k in prev})
     save_json(workdir / CLI_FILE, settings)
     if not reuse and strategy != "identity":
         log(f"fitted in {seconds:.1f}s -> {workdir / FACTORS_FILE}")

@@ -7,6 +7,13 @@ sample (top-10 overlap and Spearman correlation, self-queries from the training 
 it and stores it in the manifest: an index trades accuracy for speed, and the user should see
 by how much. ``query`` writes a run directory like ``score`` (without token heatmaps: the
 index keeps one record per sequence, not per token).
+
+Provenance. The index's own manifest identifies the model and the data, not the tokenization
+or the factors its "engine" curvature and "kfac" projections come from, so a refit (say with
+another ``--max-length``) would leave an index at a path outside the workdir looking current.
+``build`` therefore writes ``source.json`` next to the manifest (the factors' checksum and the
+model's and task's fingerprints) before it writes any record; ``build`` on a stale index needs
+``--overwrite``, and ``query`` refuses one.
 """
 
 from __future__ import annotations
@@ -18,11 +25,15 @@ from typing import Any
 import numpy as np
 
 from ..io import InputError, check_relevant
-from ..storage import load_json, save_json
-from .common import Log, check_queries_fit, now, reopen
+from ..storage import CorruptArtifactError, load_json, save_json
+from .common import Log, check_damping, check_fit_data, check_queries_fit, located_warnings, now, reopen, tidy
 from .score import build_results, run_dir_for, write_run
 
-__all__ = ["build_workdir_index", "query_workdir_index", "index_agreement"]
+__all__ = ["build_workdir_index", "query_workdir_index", "index_agreement", "index_source", "SOURCE_FILE"]
+
+SOURCE_FILE = "source.json"
+# What build_index writes into an index directory (and all that --overwrite removes there).
+_INDEX_FILES = ("manifest.json", SOURCE_FILE, "projections.safetensors", "curvature.safetensors")
 
 
 def _data_path(settings: dict, data: str | Path | None) -> Path:
@@ -33,6 +44,67 @@ def _data_path(settings: dict, data: str | Path | None) -> Path:
         if not Path(data).exists():
             raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
     return Path(data).resolve()
+
+
+def index_source(an: Any) -> dict:
+    """What an index built from this Attributor depends on beyond its manifest (see the module docstring)."""
+    return {
+        "factors": an.factors_checksum,
+        "model": an.config["model"]["fingerprint"],
+        "task": an.config["task"]["fingerprint"],
+    }
+
+
+def _stale(saved: dict, current: dict) -> str | None:
+    """Why an index with ``saved`` provenance does not belong to ``current``, or None."""
+    if saved.get("model") != current["model"]:
+        return "for another model"
+    if saved.get("task") != current["task"]:
+        return "with another tokenizer or max length"
+    if saved.get("factors") != current["factors"]:
+        return "from factors the workdir no longer holds (it was refitted since)"
+    return None
+
+
+def _read_source(path: Path) -> dict | None:
+    """The index's source.json (None for an index built from Python or before it existed)."""
+    if not (path / SOURCE_FILE).exists():
+        return None
+    return load_json(path / SOURCE_FILE, hint="rebuild the index with `headwater index build --overwrite`")
+
+
+def _problem(path: Path, current: dict) -> str | None:
+    """What keeps ``build_index`` from resuming the index at ``path``: stale, or a damaged manifest,
+    provenance or projections (damaged shards and curvature it rewrites by itself). None if nothing."""
+    import hashlib
+
+    from ..index import MANIFEST
+
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        manifest = load_json(path / MANIFEST)
+        source = _read_source(path)
+    except CorruptArtifactError as e:
+        return str(e).split(";")[0]
+    why = _stale(source, current) if source is not None else None
+    if why:
+        return f"the index at {path} was built {why}"
+    proj = manifest.get("projection") or {}
+    file = path / str(proj.get("file"))
+    if not file.is_file() or file.stat().st_size != proj.get("bytes"):
+        return f"index file {file} is missing or truncated"
+    if hashlib.sha256(file.read_bytes()).hexdigest() != proj.get("sha256"):
+        return f"index file {file} does not match its sha256 checksum in the manifest"
+    return None
+
+
+def _remove_index(path: Path) -> None:
+    """Remove what build_index wrote in ``path`` (nothing else: it may be a user's directory)."""
+    for name in _INDEX_FILES:
+        (path / name).unlink(missing_ok=True)
+    for f in (*path.glob("shard-*.bin"), *path.glob("shard-*.entry.json")):
+        f.unlink(missing_ok=True)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -93,22 +165,38 @@ def build_workdir_index(
     an, settings = r.attributor, r.settings
     data_path = _data_path(settings, data)
     docs = read_documents(data_path)
+    if data is None:
+        check_fit_data(an, docs, data_path, workdir)
     path = Path(index) if index is not None else workdir / "index"
+    tidy(path)
+    source = index_source(an)
+    problem = _problem(path, source)
+    if problem is not None:
+        if not overwrite:
+            raise InputError(f"{problem}; pass --overwrite to rebuild it")
+        _remove_index(path)
+    elif overwrite and (path / MANIFEST).exists() and _read_source(path) is None:
+        _remove_index(path)  # built elsewhere (Python, an older version): its provenance is unknown
+    known = not (path / MANIFEST).exists() or _read_source(path) is not None
+    if known:  # before any record: an interrupted build then resumes only from the same source
+        path.mkdir(parents=True, exist_ok=True)
+        save_json(path / SOURCE_FILE, source)
     bs = batch_size or settings.get("batch_size", 8)
     log(f"indexing {len(docs)} documents from {data_path.name} into {path} (dim {dim or DEFAULT_DIM}, {projection})")
     t0 = time.perf_counter()
-    idx = build_index(
-        an,
-        docs,
-        dim=dim or DEFAULT_DIM,
-        batch_size=bs,
-        path=path,
-        projection=projection,
-        dtype=dtype,
-        shard_size=shard_size or DEFAULT_SHARD_SIZE,
-        curvature=curvature,
-        overwrite=overwrite,
-    )
+    with located_warnings({"training data": (docs, data_path)}):
+        idx = build_index(
+            an,
+            docs,
+            dim=dim or DEFAULT_DIM,
+            batch_size=bs,
+            path=path,
+            projection=projection,
+            dtype=dtype,
+            shard_size=shard_size or DEFAULT_SHARD_SIZE,
+            curvature=curvature,
+            overwrite=overwrite,
+        )
     size = sum(e["bytes"] for e in idx.shards) / 2**20
     log(
         f"indexed in {time.perf_counter() - t0:.1f}s: {idx.n_records} records x {idx.record_dim} {idx.dtype}, "
@@ -116,7 +204,8 @@ def build_workdir_index(
     )
     if agreement and an.curvature is not None and idx.manifest.get("agreement") is None:
         t1 = time.perf_counter()
-        agree = index_agreement(an, docs, idx, batch_size=bs)
+        with located_warnings({"training data": None, "queries": None}):  # said once above
+            agree = index_agreement(an, docs, idx, batch_size=bs)
         manifest = load_json(path / MANIFEST)
         save_json(path / MANIFEST, {**manifest, "agreement": agree})
         idx = GradientIndex.open(path)
@@ -151,12 +240,21 @@ def query_workdir_index(
     from .outputs import render
 
     workdir = Path(workdir)
+    damping = check_damping(damping)
     qpath = Path(queries).resolve()
     qs = read_queries(qpath)
     r = reopen(workdir, device=device, progress=progress)
     an, settings, tok = r.attributor, r.settings, r.tokenizer
     path = Path(index) if index is not None else workdir / "index"
+    tidy(path)
     idx = GradientIndex.open(path, verify=True)
+    source = _read_source(path)
+    why = _stale(source, index_source(an)) if source is not None else None
+    if why:
+        raise InputError(
+            f"the index at {path} was built {why}; rebuild it with "
+            f"`headwater index build --workdir {workdir} --overwrite`"
+        )
     data_path = _data_path(settings, data)
     docs = read_documents(data_path)  # for the texts of the top sequences
     fp = fingerprint(docs)
@@ -171,15 +269,16 @@ def query_workdir_index(
     k = min(top_k, idx.n_records)
     log(f"querying {len(qs)} queries against {idx.n_records} indexed documents ({path})")
     t0 = time.perf_counter()
-    sc = query_index(
-        an,
-        clean_q,
-        idx,
-        top_k=k,
-        batch_size=batch_size or settings.get("batch_size", 8),
-        damping=damping,
-        per_layer=True,
-    )
+    with located_warnings({"queries": None}):  # check_queries_fit has said it, with the line
+        sc = query_index(
+            an,
+            clean_q,
+            idx,
+            top_k=k,
+            batch_size=batch_size or settings.get("batch_size", 8),
+            damping=damping,
+            per_layer=True,
+        )
     seconds = time.perf_counter() - t0
     layers = [ly.name for ly in idx.layers]
 
@@ -208,6 +307,8 @@ def query_workdir_index(
         "layers": layers,
         "strategy": f"index ({proj['kind']} projection, dim {proj['dim']}, {sc.meta['curvature']} curvature)",
         "agreement": idx.manifest.get("agreement"),
+        "fit": {k: v for k, v in settings.items() if k != "checksum"},
+        "cached": False,
         "score_seconds": round(seconds, 2),
     }
     # the report's "Strategy" row reads the settings: say that these scores come from the index

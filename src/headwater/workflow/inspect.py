@@ -1,4 +1,12 @@
-"""``headwater inspect`` (what a workdir holds) and ``headwater verify`` (is all of it intact and current)."""
+"""``headwater inspect`` (what a workdir holds) and ``headwater verify`` (is all of it intact and current).
+
+``inspect`` describes: a damaged run is listed as damaged, with the file and what to do, and
+the command still succeeds. ``verify`` judges: every artifact is read in full and checked
+against its checksum and against what it was derived from (the factors against config.json
+and the data file, each run against the factors and the data, analysis.json against its run's
+scores, the index against the factors and the data); it exits 1 if anything is not "ok".
+Both first remove dead writers' temporary files (``common.tidy``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from typing import Any
 from ..io import InputError
 from ..storage import CorruptArtifactError, load_json, load_tensors, tensors_meta
 from ..workdir import CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, SCORES
-from .common import CLI_FILE, RUNS
+from .common import ANALYSIS_FILE, CLI_FILE, REPORT_FILE, RESULTS_FILE, RUN_FILE, RUNS, SCORES_FILE, tidy
 
 __all__ = ["inspect_workdir", "format_inspect", "verify_workdir", "Finding", "format_findings"]
 
@@ -48,6 +56,7 @@ def inspect_workdir(workdir: str | Path) -> dict:
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise InputError(f"workdir {workdir} does not exist; pass a directory made by `headwater fit`")
+    tidy(workdir)
     if not (workdir / CONFIG_FILE).exists():
         raise InputError(
             f"{workdir} is not a headwater workdir (no config.json); pass a directory made by `headwater fit`"
@@ -93,24 +102,45 @@ def inspect_workdir(workdir: str | Path) -> dict:
         if lam is not None:
             layer["eigenvalues"] = _spectrum(lam)
         info["layers"].append(layer)
-    for run in sorted((workdir / RUNS).glob("*/run.json")) if (workdir / RUNS).is_dir() else []:
-        try:
-            r = load_json(run)
-            info["runs"].append(
-                {
-                    "path": str(run.parent),
-                    "queries": r.get("n_queries"),
-                    "n_train": r.get("n_train"),
-                    "created": r.get("created"),
-                    "query_rank": r.get("query_rank"),
-                }
-            )
-        except (OSError, ValueError):
-            info["runs"].append({"path": str(run.parent), "damaged": True})
+    for run_dir in run_dirs(workdir):
+        info["runs"].append(_run_summary(run_dir))
     for p in sorted(workdir.iterdir()):
         if not p.name.startswith("."):
             info["files"][p.name + ("/" if p.is_dir() else "")] = _size(p)
     return info
+
+
+def run_dirs(workdir: Path) -> list[Path]:
+    """The run directories of a workdir: ``results/*`` and the workdir itself when ``--out`` was it."""
+    runs = [workdir] if any((workdir / f).exists() for f in (RUN_FILE, RESULTS_FILE, SCORES_FILE)) else []
+    if (workdir / RUNS).is_dir():
+        runs += sorted(p for p in (workdir / RUNS).iterdir() if p.is_dir())
+    return runs
+
+
+def _run_summary(run_dir: Path) -> dict:
+    """One run for ``inspect``, from run.json and the header of scores.safetensors (not the tensors).
+
+    A damaged or incomplete run is listed with the message that names the file and what to
+    do; reading every byte is ``verify``'s job.
+    """
+    hint = f"rerun `headwater score`, or delete {run_dir}"
+    try:
+        if not (run_dir / RUN_FILE).exists():
+            raise InputError(f"{run_dir / RUN_FILE} is missing (the run did not finish); {hint}")
+        r = load_json(run_dir / RUN_FILE, hint=hint)
+        if not (run_dir / SCORES_FILE).exists():
+            raise InputError(f"{run_dir / SCORES_FILE} is missing; {hint}")
+        tensors_meta(run_dir / SCORES_FILE, hint=hint)
+    except (OSError, ValueError) as e:
+        return {"path": str(run_dir), "damaged": " ".join(str(e).split())}
+    return {
+        "path": str(run_dir),
+        "queries": r.get("n_queries"),
+        "n_train": r.get("n_train"),
+        "created": r.get("created"),
+        "query_rank": r.get("query_rank"),
+    }
 
 
 def _size(p: Path) -> int:
@@ -166,7 +196,7 @@ def format_inspect(info: dict) -> str:
             f"run       {run['path']}  ({run.get('queries')} queries x {run.get('n_train')} documents, "
             f"{run.get('created')})"
             if not run.get("damaged")
-            else f"run       {run['path']}  (damaged)"
+            else f"run       {run['path']}  (damaged: {run['damaged']})"
         )
     lines.append("files")
     for name, size in info["files"].items():
@@ -188,79 +218,166 @@ class Finding:
     detail: str = ""
 
 
-def _check(findings: list[Finding], path: Path, read: Any, fix: str) -> Any:
+def _check(findings: list[Finding], path: Path, read: Any) -> Any:
+    """``read(path)``, recording "ok" or "corrupt" with the reader's message (which names the file
+    and says what to do); None when it failed."""
     try:
         value = read(path)
-    except (CorruptArtifactError, InputError, OSError, ValueError, KeyError) as e:
-        findings.append(Finding("corrupt", str(path), f"{' '.join(str(e).split())} -> {fix}"))
+    except (CorruptArtifactError, InputError, OSError, ValueError, KeyError, TypeError) as e:
+        findings.append(Finding("corrupt", str(path), " ".join(str(e).split())))
         return None
     findings.append(Finding("ok", str(path)))
     return value
 
 
-def verify_workdir(workdir: str | Path) -> list[Finding]:
-    """Check every artifact of a workdir against its checksum and against the settings it derives from."""
+def _data_fingerprint(findings: list[Finding], settings: dict | None) -> str | None:
+    """Fingerprint of the data file cli.json records (None if there is none); a missing or
+    unreadable one is a finding: score and index build read it."""
     from ..data import fingerprint
-    from ..index import CorruptIndexError, GradientIndex
     from ..io import read_documents
-    from .outputs import read_run
 
+    path = (settings or {}).get("data")
+    if not path:
+        return None
+    if not Path(path).exists():
+        findings.append(
+            Finding("missing", str(path), "the training data recorded at fit time is gone; pass --data FILE to score")
+        )
+        return None
+    try:
+        return fingerprint(read_documents(path))
+    except InputError as e:
+        findings.append(Finding("corrupt", str(path), " ".join(str(e).split())))
+        return None
+
+
+def _verify_run(out: list[Finding], run_dir: Path, factors: str | None, data: tuple[str, str] | None) -> None:
+    """One run directory: each file against its checksum, then the run against the factors and data.
+
+    ``factors`` is the checksum of the workdir's intact factors (None: unknown, so not compared),
+    ``data`` the (path, fingerprint) of the intact data file cli.json records.
+    """
+    from ..storage import json_checksum
+    from .outputs import read_results
+
+    hint = f"rerun `headwater score`, or delete {run_dir}"
+    files = {name: run_dir / name for name in (RUN_FILE, RESULTS_FILE, SCORES_FILE, REPORT_FILE)}
+    missing = [name for name in (RUN_FILE, RESULTS_FILE, SCORES_FILE) if not files[name].exists()]
+    for name in missing:
+        out.append(Finding("missing", str(files[name]), f"the run is incomplete; {hint}"))
+    if RUN_FILE in missing:
+        return
+    run = _check(out, files[RUN_FILE], lambda p: load_json(p, hint=hint))
+    if run is None:
+        return  # the checksums of the other files are recorded in it
+    rows = _check(out, files[RESULTS_FILE], lambda p: read_results(p, run)) if RESULTS_FILE not in missing else None
+    if SCORES_FILE not in missing:
+        got = _check(out, files[SCORES_FILE], lambda p: load_tensors(p, "scores", hint=hint))
+        values = got[0].get("values") if got is not None else None
+        if got is not None and rows is not None and (values is None or values.shape[0] != len(rows)):
+            out.append(Finding("corrupt", str(files[SCORES_FILE]), f"holds other queries than {RESULTS_FILE}; {hint}"))
+    if "report_checksum" in run:
+        redo = f"rebuild it with `headwater report {run_dir}`"
+        report = files[REPORT_FILE]
+        if not report.exists():
+            out.append(Finding("missing", str(report), redo))
+        elif json_checksum(report.read_text(encoding="utf-8", errors="replace")) != run["report_checksum"]:
+            out.append(Finding("corrupt", str(report), f"{report} does not match its checksum in {RUN_FILE}; {redo}"))
+        else:
+            out.append(Finding("ok", str(report)))
+    if factors is not None and run.get("factors") not in (None, factors):
+        out.append(Finding("stale", str(run_dir), f"scored with factors the workdir no longer holds; {hint}"))
+    elif data is not None and run.get("data") == data[0] and run.get("data_fingerprint") not in (None, data[1]):
+        out.append(Finding("stale", str(run_dir), f"the data file {data[0]} changed since this run; {hint}"))
+    analysis = run_dir / ANALYSIS_FILE
+    if analysis.exists() and files[SCORES_FILE].exists():
+        redo = f"rerun `headwater analyze {run_dir}`"
+        saved = _check(out, analysis, lambda p: load_json(p, hint=redo))
+        try:
+            current = tensors_meta(files[SCORES_FILE])[1]
+        except (OSError, ValueError):
+            current = None  # already reported above
+        recorded = saved.get("scores_checksum") if saved is not None else None  # None: written before it was
+        if recorded is not None and current is not None and recorded != current:
+            out.append(Finding("stale", str(analysis), f"describes other scores than {SCORES_FILE}; {redo}"))
+
+
+def _verify_index(out: list[Finding], index: Path, factors: str | None, data: str | None) -> None:
+    """The workdir's index: its files against the manifest, its provenance against the factors and data."""
+    from ..index import MANIFEST, CorruptIndexError, GradientIndex
+    from .index import SOURCE_FILE
+
+    redo = "rebuild it with `headwater index build --overwrite`"
+    if not (index / MANIFEST).exists():
+        if any(index.glob("shard-*")):
+            out.append(Finding("missing", str(index / MANIFEST), f"the index has shards but no manifest; {redo}"))
+        return
+    try:
+        idx = GradientIndex.open(index, verify=True)
+        source = load_json(index / SOURCE_FILE, hint=redo) if (index / SOURCE_FILE).exists() else None
+    except (CorruptIndexError, CorruptArtifactError, ValueError, OSError) as e:
+        out.append(Finding("corrupt", str(index), " ".join(str(e).split())))
+        return
+    out.append(Finding("ok", str(index)))
+    if factors is not None and source is not None and source.get("factors") != factors:
+        out.append(Finding("stale", str(index), f"built from factors the workdir no longer holds; {redo}"))
+    elif data is not None and idx.manifest.get("data_fingerprint") != data:
+        out.append(
+            Finding("stale", str(index), f"built from other data than the file the workdir was fitted on; {redo}")
+        )
+
+
+def verify_workdir(workdir: str | Path) -> list[Finding]:
+    """Check every artifact of a workdir against its checksum and against the settings it derives from.
+
+    Each problem is reported once, at the artifact that has it: a run is judged stale only
+    against intact factors (damaged factors are one finding, not one per run).
+    """
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise InputError(f"workdir {workdir} does not exist")
+    tidy(workdir)
     out: list[Finding] = []
-    refit = "refit with `headwater fit --overwrite`"
-    config = (
-        _check(out, workdir / CONFIG_FILE, load_json, f"delete {workdir} and refit")
-        if (workdir / CONFIG_FILE).exists()
-        else None
-    )
-    if config is None and not (workdir / CONFIG_FILE).exists():
+    refit = f"refit with `headwater fit --overwrite --workdir {workdir} ...`"
+    config = None
+    if (workdir / CONFIG_FILE).exists():
+        config = _check(out, workdir / CONFIG_FILE, lambda p: load_json(p, hint=f"delete {workdir} and refit"))
+    else:
         out.append(Finding("missing", str(workdir / CONFIG_FILE), "not a headwater workdir; run `headwater fit`"))
-    settings = _check(out, workdir / CLI_FILE, load_json, refit) if (workdir / CLI_FILE).exists() else None
-    fmeta = None
+    settings = None
+    if (workdir / CLI_FILE).exists():
+        settings = _check(out, workdir / CLI_FILE, lambda p: load_json(p, hint=refit))
+    data_fp = _data_fingerprint(out, settings)
+    fmeta = factors = None
     if (workdir / FACTORS_FILE).exists():
-        got = _check(out, workdir / FACTORS_FILE, lambda p: load_tensors(p, "factors"), refit)
-        fmeta = got[1] if got else None
+        got = _check(out, workdir / FACTORS_FILE, lambda p: load_tensors(p, "factors", hint=refit))
+        if got is not None:
+            fmeta, factors = got[1], tensors_meta(workdir / FACTORS_FILE)[1]
     elif config is not None and config.get("strategy") != "identity":
         out.append(Finding("missing", str(workdir / FACTORS_FILE), "not fitted yet: run `headwater fit`"))
+    stale_factors = None
     if fmeta is not None and config is not None:
         same = {k: fmeta.get(k) for k in ("model", "task", "strategy", "fisher", "seed", "modules")}
         if same != {k: config.get(k) for k in same}:
-            out.append(
-                Finding("stale", str(workdir / FACTORS_FILE), f"fitted for other settings than config.json; {refit}")
-            )
-    if fmeta is not None and settings and settings.get("data") and Path(settings["data"]).exists():
-        try:
-            if fingerprint(read_documents(settings["data"])) != fmeta.get("fit_data"):
-                out.append(
-                    Finding(
-                        "stale",
-                        str(workdir / FACTORS_FILE),
-                        f"the data file {settings['data']} changed since the fit; {refit}",
-                    )
-                )
-        except InputError as e:
-            out.append(Finding("corrupt", settings["data"], str(e)))
+            stale_factors = f"fitted for other settings than {CONFIG_FILE}; {refit}"
+    if fmeta is not None and data_fp is not None and data_fp != fmeta.get("fit_data"):
+        stale_factors = f"the data file {settings['data']} changed since the fit; {refit}"
+    if stale_factors:
+        out.append(Finding("stale", str(workdir / FACTORS_FILE), stale_factors))
     if (workdir / COVARIANCE_FILE).exists():
-        _check(out, workdir / COVARIANCE_FILE, lambda p: load_tensors(p, "covariance"), f"delete it or {refit}")
-    for sub in (SCORES, CHECKPOINTS):
+        hint = f"delete it, or {refit}"
+        _check(out, workdir / COVARIANCE_FILE, lambda p: load_tensors(p, "covariance sums", hint=hint))
+    for sub, what, hint in (
+        (SCORES, "cached scores", "delete it to recompute"),
+        (CHECKPOINTS, "checkpoint of an interrupted pass", "delete it (the pass then restarts)"),
+    ):
         for f in sorted((workdir / sub).rglob("*.safetensors")) if (workdir / sub).is_dir() else []:
-            _check(out, f, load_tensors, f"delete {f}")
-    factors = tensors_meta(workdir / FACTORS_FILE)[1] if fmeta is not None else None
-    for run_dir in sorted(p.parent for p in (workdir / RUNS).glob("*/run.json")) if (workdir / RUNS).is_dir() else []:
-        run = _check(out, run_dir, lambda p: read_run(p)[0], f"rerun `headwater score` or delete {run_dir}")
-        if run is not None and run.get("factors") not in (None, factors):
-            out.append(
-                Finding("stale", str(run_dir), f"scored with other factors than the workdir holds; delete {run_dir}")
-            )
-    index = workdir / "index"
-    if (index / "manifest.json").exists():
-        try:
-            GradientIndex.open(index, verify=True)
-            out.append(Finding("ok", str(index)))
-        except (CorruptIndexError, CorruptArtifactError, ValueError, OSError) as e:
-            out.append(Finding("corrupt", str(index), f"{' '.join(str(e).split())}"))
+            _check(out, f, lambda p, w=what, h=hint: load_tensors(p, w, hint=h))
+    data = (settings["data"], data_fp) if data_fp is not None else None
+    for run_dir in run_dirs(workdir):  # factors None (missing or damaged): runs are not judged against them
+        _verify_run(out, run_dir, factors, data)
+    if (workdir / "index").is_dir():
+        _verify_index(out, workdir / "index", factors, data_fp)
     return out
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from ..io import InputError
 from ..storage import json_checksum, load_json, load_tensors
-from .common import RUNS, Log, quiet_log
+from .common import RUNS, Log, quiet_log, tidy
 
-__all__ = ["render", "resolve_run", "read_run", "write_report", "analyze_run"]
+__all__ = ["render", "resolve_run", "read_run", "read_results", "write_report", "analyze_run"]
 
 
 def render(results: list[dict], scores: Any, settings: dict, meta: dict, source: str = "results") -> str:
@@ -49,10 +49,17 @@ def resolve_run(path: str | Path, log: Log = quiet_log) -> Path:
     return runs[-1]
 
 
-def _read_results(path: Path, run: dict) -> list[dict]:
+def read_results(path: Path, run: dict) -> list[dict]:
+    """The rows of a run's results.jsonl, verified against the checksum that run.json records."""
     if not path.exists():
         raise InputError(f"{path} does not exist; rerun `headwater score`")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a flipped byte can leave invalid UTF-8: damage, like any other
+        raise InputError(
+            f"{path} is not valid UTF-8 (byte {e.start}): it was changed after headwater wrote it; "
+            "rerun `headwater score`"
+        ) from e
     if run.get("results_checksum") != json_checksum(text):
         raise InputError(
             f"{path} does not match its checksum in run.json: it was changed after headwater wrote it; "
@@ -83,7 +90,7 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict], Any]:
     if not (run_dir / RUN_FILE).exists():
         raise InputError(f"{run_dir} has no {RUN_FILE}; rerun `headwater score`, which writes it")
     run = load_json(run_dir / RUN_FILE, hint=hint)
-    results = _read_results(run_dir / RESULTS_FILE, run)
+    results = read_results(run_dir / RESULTS_FILE, run)
     spath = run_dir / SCORES_FILE
     if not spath.exists():
         raise InputError(f"{spath} does not exist; {hint}")
@@ -94,29 +101,44 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict], Any]:
 
 
 def write_report(path: str | Path, out: str | Path | None = None, log: Log = quiet_log) -> Path:
-    """Rebuild a run's report.html from its saved files (no model needed)."""
-    from ..storage import atomic_write_text
-    from .common import REPORT_FILE, RESULTS_FILE, read_settings
+    """Rebuild a run's report.html from its saved files (no model needed).
+
+    The report shows the settings of the fit the run was scored with, as run.json records them
+    (the workdir may have been refitted since; its cli.json is read only for runs that predate
+    that record). Rewriting the run's own report.html updates its checksum in run.json.
+    """
+    from ..storage import atomic_write_text, save_json
+    from .common import REPORT_FILE, RESULTS_FILE, RUN_FILE, read_settings
 
     run_dir = resolve_run(path, log)
+    tidy(run_dir)
     run, results, scores = read_run(run_dir)
-    workdir = Path(run.get("workdir", run_dir))
-    settings = read_settings(workdir) if workdir.exists() else {}
+    if isinstance(run.get("fit"), dict):
+        settings = dict(run["fit"])
+    else:
+        workdir = Path(run.get("workdir", run_dir))
+        settings = read_settings(workdir) if workdir.exists() else {}
     settings = {**settings, **run.get("settings_override", {})}
     target = Path(out) if out is not None else run_dir / REPORT_FILE
-    atomic_write_text(target, render(results, scores, settings, run, source=str(run_dir / RESULTS_FILE)))
+    html = render(results, scores, settings, run, source=str(run_dir / RESULTS_FILE))
+    atomic_write_text(target, html)
+    if target.resolve() == (run_dir / REPORT_FILE).resolve() and "report_checksum" in run:
+        save_json(run_dir / RUN_FILE, {**run, "report_checksum": json_checksum(html)})
     return target
 
 
 def analyze_run(path: str | Path, log: Log = quiet_log, **kwargs: Any) -> dict:
     """``headwater.analysis.analyze_workdir`` on a verified run directory; writes its analysis.json."""
     from ..analysis import analyze_workdir
-    from ..storage import save_json
-    from .common import RUN_FILE
+    from ..storage import save_json, tensors_meta
+    from .common import ANALYSIS_FILE, RUN_FILE, SCORES_FILE
 
     run_dir = resolve_run(path, log)
+    tidy(run_dir)
     if (run_dir / RUN_FILE).exists():
         read_run(run_dir)  # verify everything before analyzing (scores.safetensors is verified either way)
     res = analyze_workdir(run_dir, **kwargs)
-    save_json(run_dir / "analysis.json", res)
+    # which scores this analysis describes: `verify` flags it once they are replaced
+    res["scores_checksum"] = tensors_meta(run_dir / SCORES_FILE)[1]
+    save_json(run_dir / ANALYSIS_FILE, res)
     return res

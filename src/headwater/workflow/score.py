@@ -24,6 +24,7 @@ from ..errors import ExampleError
 from ..io import InputError, check_relevant
 from ..storage import atomic_write_text, json_checksum, save_json, save_tensors
 from .common import (
+    ANALYSIS_FILE,
     REPORT_FILE,
     RESULTS_FILE,
     RUN_FILE,
@@ -31,7 +32,10 @@ from .common import (
     SCORES_FILE,
     Log,
     at_location,
+    check_damping,
+    check_fit_data,
     check_queries_fit,
+    located_warnings,
     now,
     reopen,
 )
@@ -92,10 +96,15 @@ def _shown_token_scores(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="per-token scores", unit="query", leave=False, dynamic_ncols=True)
-    for q in it:
-        rows = [docs[i] for i in shown[q]]
-        st = an.scores([queries[q]], rows, batch_size=bs, damping=damping, query_rank=rank, per_token=True, cache=False)
-        out.append({i: st.per_token[0, j, : len(tokens_of[i])].tolist() for j, i in enumerate(shown[q])})
+    # the main pass has already warned about every truncated example, by its line; here the
+    # rows are renumbered, so the engine's repeats would name the wrong examples
+    with located_warnings({"training data": None, "queries": None}):
+        for q in it:
+            rows = [docs[i] for i in shown[q]]
+            st = an.scores(
+                [queries[q]], rows, batch_size=bs, damping=damping, query_rank=rank, per_token=True, cache=False
+            )
+            out.append({i: st.per_token[0, j, : len(tokens_of[i])].tolist() for j, i in enumerate(shown[q])})
     return out
 
 
@@ -134,10 +143,17 @@ def build_results(queries: list[dict], sc: Any, k: int, layers: list[str], entry
 
 
 def write_run(out: Path, sc: Any, results: list[dict], run: dict, html: str) -> None:
-    """Write a run's four files; each is complete in memory before the first rename."""
+    """Write a run's four files; each is complete in memory before the first rename.
+
+    run.json, written last, records the checksums of results.jsonl and report.html (the
+    other files carry their own). An analysis.json of an earlier run in the same directory
+    (``--out`` reused) is removed first: it describes scores that are about to be replaced.
+    """
     text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in results)
-    run = {**run, "results_checksum": json_checksum(text)}
-    save_tensors(out / SCORES_FILE, sc.tensors(), {k: v for k, v in run.items() if k != "results_checksum"})
+    run = {**run, "results_checksum": json_checksum(text), "report_checksum": json_checksum(html)}
+    (out / ANALYSIS_FILE).unlink(missing_ok=True)
+    meta = {k: v for k, v in run.items() if k not in ("results_checksum", "report_checksum")}
+    save_tensors(out / SCORES_FILE, sc.tensors(), meta)
     atomic_write_text(out / RESULTS_FILE, text)
     atomic_write_text(out / REPORT_FILE, html)
     save_json(out / RUN_FILE, run)
@@ -168,6 +184,7 @@ def score_workdir(
     from .outputs import render
 
     workdir = Path(workdir)
+    damping = check_damping(damping)
     qpath = Path(queries).resolve()
     qs = read_queries(qpath)
     r = reopen(workdir, device=device, model=model, tokenizer=tokenizer, progress=progress)
@@ -180,8 +197,14 @@ def score_workdir(
             raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
         if not Path(data).exists():
             raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
+        recorded = True
+    else:
+        recorded = False
     data_path = Path(data).resolve()
     docs = read_documents(data_path)
+    if recorded:
+        check_fit_data(an, docs, data_path, workdir)
+    data_fp = fingerprint(docs)
     check_relevant(qs, len(docs), data_path.name)
     check_queries_fit(r.task, qs, qpath, log)
     bs = batch_size or settings.get("batch_size", 8)
@@ -190,7 +213,7 @@ def score_workdir(
     k = min(top_k, len(docs) if candidates is None else min(candidates, len(docs)))
     spec = {
         "queries": fingerprint(clean_q),
-        "data": fingerprint(docs),
+        "data": data_fp,
         "top_k": k,
         "query_rank": rank,
         "damping": damping,
@@ -207,23 +230,25 @@ def score_workdir(
     log(f"scoring {len(qs)} queries against {against} (query rank {rank or 'full'})")
     t0 = time.perf_counter()
     try:
-        sc = an.scores(
-            clean_q,
-            docs,
-            batch_size=bs,
-            damping=damping,
-            query_rank=rank,
-            per_layer=True,
-            per_token=per_token,
-            candidates=candidates,
-        )
+        with located_warnings({"training data": (docs, data_path), "queries": None}):
+            sc = an.scores(
+                clean_q,
+                docs,
+                batch_size=bs,
+                damping=damping,
+                query_rank=rank,
+                per_layer=True,
+                per_token=per_token,
+                candidates=candidates,
+            )
     except ExampleError as e:
         raise at_location(e, docs, data_path) from e
     if sc.meta.get("cached"):
         log(f"reusing the cached scores of an identical earlier run ({sc.meta.get('run', {}).get('id')})")
     top, bottom = sc.top(k), sc.bottom(k)
     shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
-    tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
+    with located_warnings({"": None}):  # the main pass has said which of them are truncated
+        tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
     token_scores = _shown_token_scores(an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress)
     seconds = time.perf_counter() - t0
     pieces = {i: token_pieces(tok, ids) for i, ids in tokens_of.items()}
@@ -250,7 +275,7 @@ def score_workdir(
         "factors": an.factors_checksum,
         "queries_file": str(qpath),
         "data": str(data_path),
-        "data_fingerprint": fingerprint(docs),
+        "data_fingerprint": data_fp,
         "n_train": len(docs),
         "n_queries": len(qs),
         "top_k": k,
@@ -261,6 +286,9 @@ def score_workdir(
         "per_token": per_token,
         "layers": layers,
         "strategy": settings.get("strategy"),
+        # what the factors were fitted with (cli.json): the report shows it even after a refit
+        "fit": {k: v for k, v in settings.items() if k != "checksum"},
+        "cached": bool(sc.meta.get("cached")),
         "score_seconds": round(seconds, 2),
         "spec": spec,
     }
