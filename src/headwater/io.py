@@ -27,6 +27,8 @@ __all__ = [
     "where",
     "RESERVED_QUERY_FIELDS",
     "check_relevant",
+    "TASK_KINDS",
+    "query_example",
     "read_documents",
     "read_queries",
     "load_model",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# What a model does, as the command line's --task names it (each maps to a HF auto class and a Task).
+TASK_KINDS = ("causal-lm", "seq-cls", "seq2seq")
 # Fields of a results.jsonl row that headwater writes; a query may not bring its own.
 RESERVED_QUERY_FIELDS = frozenset(
     {"query", "top", "bottom", "stats", "recall", "recall_k", "per_layer_top", "per_layer_bottom"}
@@ -227,18 +231,49 @@ def _check_column_type(path: Path, name: str, kind: Any) -> None:
         raise InputError(f"{path}: column '{name}' holds {kind}, not {want}; convert the column or rename it")
 
 
-def read_documents(path: str | Path) -> Any:
+def _clean_task_record(obj: Any, where: str, task: str) -> dict:
+    """One example for a sequence-classification or seq2seq model (see ``TASK_KINDS``)."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if task == "seq-cls":
+        label = obj.get("label", obj.get("labels"))
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise InputError(f"{where}: a classification example needs an integer 'label' (found {_describe(label)})")
+        if "input_ids" in obj:
+            return {**_clean_record({"input_ids": obj["input_ids"]}, where), "label": label}
+        for key in ("text", *(["text_pair"] if "text_pair" in obj else [])):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise InputError(f"{where}: a classification example needs a non-empty string '{key}'")
+        return {k: obj[k] for k in ("text", "text_pair") if k in obj} | {"label": label}
+    if "input_ids" in obj:
+        if not isinstance(obj.get("labels"), list):
+            raise InputError(f"{where}: a pre-tokenized seq2seq example needs 'labels' (the target ids)")
+        return {
+            "input_ids": _clean_record({"input_ids": obj["input_ids"]}, where)["input_ids"],
+            "labels": obj["labels"],
+        }
+    src, tgt = (obj.get("source"), obj.get("target")) if "source" in obj else (obj.get("prompt"), obj.get("completion"))
+    if not isinstance(src, str) or not isinstance(tgt, str) or not tgt:
+        raise InputError(f"{where}: a seq2seq example needs strings 'source' and 'target' (or 'prompt', 'completion')")
+    return {"source": src, "target": tgt}
+
+
+def read_documents(path: str | Path, task: str = "causal-lm") -> Any:
     """Training documents from a file: a list of example dicts, or a ``datasets.Dataset``.
 
     Both support ``len`` and integer indexing, so training example j is row j of the file
-    (blank lines in JSONL are skipped and do not count).
+    (blank lines in JSONL are skipped and do not count). ``task`` (one of ``TASK_KINDS``) says
+    which fields an example needs; other fields are dropped, so fingerprints cover content only.
     """
     path = _check_exists(path, "data file")
+    if task != "causal-lm" and path.suffix not in JSON_SUFFIXES:
+        raise InputError(f"{path}: --task {task} reads JSONL (one JSON object per line); convert the file")
     if path.is_dir() or path.suffix in TABLE_SUFFIXES:
         docs = _clean_table(_read_table(path), path)
     elif path.suffix in JSON_SUFFIXES:
         records = _iter_json_records(path)
-        docs = Records([_clean_record(obj, at) for at, obj in records], [at for at, _ in records])
+        clean = _clean_record if task == "causal-lm" else lambda o, at: _clean_task_record(o, at, task)
+        docs = Records([clean(obj, at) for at, obj in records], [at for at, _ in records])
     else:
         try:
             raw = path.read_text(encoding="utf-8")
@@ -259,11 +294,22 @@ def read_documents(path: str | Path) -> Any:
     return docs
 
 
-def read_queries(path: str | Path) -> list[dict]:
+def query_example(query: dict, task: str = "causal-lm") -> dict:
+    """The example a query's measurement runs on (the other fields are for the report)."""
+    if task == "seq-cls":
+        return {k: query[k] for k in ("text", "text_pair", "label") if k in query}
+    if task == "seq2seq":
+        return {"source": query["prompt"], "target": query["completion"]}
+    return {"prompt": query["prompt"], "completion": query["completion"]}
+
+
+def read_queries(path: str | Path, task: str = "causal-lm") -> list[dict]:
     """Queries from JSONL: ``{"prompt": ..., "completion": ...}`` per line.
 
-    Extra fields pass through unchanged for the report (e.g. ``"relevant"``: training indices
-    known to state the query's answer, which turns on recall@k).
+    With ``task="seq-cls"``: ``{"text": ..., "label": int}`` (shown as the prompt and its label);
+    with ``"seq2seq"``: ``{"source", "target"}`` or ``{"prompt", "completion"}``. Extra fields
+    pass through unchanged for the report (e.g. ``"relevant"``: training indices known to state
+    the query's answer, which turns on recall@k).
     """
     path = _check_exists(path, "queries file")
     if path.is_dir():
@@ -271,6 +317,14 @@ def read_queries(path: str | Path) -> list[dict]:
     queries, locations = [], []
     for at, obj in _iter_json_records(path):
         where = at
+        if task != "causal-lm" and isinstance(obj, dict):
+            example = _clean_task_record(obj, where, task)
+            shown = (
+                (example.get("text", ""), f" -> label {example['label']}")
+                if task == "seq-cls"
+                else (example["source"], example["target"])
+            )
+            obj = {**obj, "prompt": shown[0], "completion": shown[1]}
         if (
             not isinstance(obj, dict)
             or not isinstance(obj.get("prompt"), str)
@@ -314,6 +368,8 @@ def document_text(item: Any, tokenizer: Any = None) -> str:
         return item["text"]
     if "prompt" in item:
         return item["prompt"] + item["completion"]
+    if "source" in item:
+        return f"{item['source']} => {item['target']}"
     if tokenizer is not None:
         return tokenizer.decode(list(item["input_ids"]))
     return " ".join(str(t) for t in item["input_ids"])
@@ -379,21 +435,50 @@ def _dtype_keyword() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "float32") -> Any:
-    """``AutoModelForCausalLM`` from a local directory, offline, in eval mode on ``device``."""
+_AUTO = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+_WHAT = {"causal-lm": "causal language model", "seq-cls": "sequence classifier", "seq2seq": "seq2seq model"}
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "float32", task: str = "causal-lm") -> Any:
+    """The ``task``'s HF auto model from a local directory, offline, in eval mode on ``device``.
+
+    A directory written by ``PeftModel.save_pretrained`` (it holds ``adapter_config.json``) is
+    loaded as its base model with the adapter attached (``peft``, an optional dependency).
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     path = _check_model_dir(path, "model")
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is not one of {DTYPES}")
+    if task not in TASK_KINDS:
+        raise InputError(f"--task {task!r} is not one of {TASK_KINDS}")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    kw = {_dtype_keyword(): torch_dtype, "local_files_only": True}
     try:
-        kw = {_dtype_keyword(): torch_dtype}
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+        if (path / "adapter_config.json").exists():
+            try:
+                import peft
+            except ImportError as e:
+                raise InputError(f"{path} holds a PEFT adapter; install peft (pip install headwater[peft])") from e
+            auto = {
+                "causal-lm": peft.AutoPeftModelForCausalLM,
+                "seq-cls": peft.AutoPeftModelForSequenceClassification,
+                "seq2seq": peft.AutoPeftModelForSeq2SeqLM,
+            }[task]
+            # is_trainable: the adapter's matrices are what headwater tracks by default on a PEFT model
+            model = auto.from_pretrained(str(path), is_trainable=True, **kw)
+        else:
+            model = getattr(transformers, _AUTO[task]).from_pretrained(str(path), **kw)
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(
-            f"cannot load a causal language model from {path}: {_first_line(e)}; it should hold "
+            f"cannot load a {_WHAT[task]} from {path}: {_first_line(e)}; it should hold "
             "config.json and model weights written by save_pretrained"
         ) from e
     if device == "auto":

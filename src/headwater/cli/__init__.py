@@ -88,8 +88,18 @@ def fit(
     ],
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where the factors and settings are saved.")],
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not saved with the model.")] = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="causal-lm (prompt/completion, text), seq-cls ({text, label}) or seq2seq ({source, target})."
+        ),
+    ] = "causal-lm",
     modules: Annotated[
-        str, typer.Option(help="'mlp' (MLP projections), 'all' (every linear layer) or comma-separated names.")
+        str,
+        typer.Option(
+            help="'mlp' (MLP projections, MoE experts), 'all' (every supported layer; on a PEFT model its adapters), "
+            "'base', 'adapters' or comma-separated names."
+        ),
     ] = "mlp",
     strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
     fisher: Annotated[
@@ -132,6 +142,7 @@ def fit(
             data,
             workdir,
             tokenizer=tokenizer,
+            task=task,
             modules=modules,
             strategy=strategy,
             fisher=fisher,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExampleError, HeadwaterWarning, TruncationWarning
-from ..io import InputError, where
+from ..io import InputError, query_example, where
 from ..storage import clean_leftovers, load_json
 from ..workdir import CONFIG_FILE, WorkdirMismatchError
 
@@ -41,6 +41,7 @@ __all__ = [
     "cli_mismatch",
     "at_location",
     "check_queries_fit",
+    "make_task",
     "check_damping",
     "check_fit_data",
     "located_warnings",
@@ -80,13 +81,13 @@ def now() -> str:
 
 
 def parse_modules(modules: str | list[str] | None) -> str | list[str] | None:
-    """'mlp' -> 'mlp', 'all' -> None (every supported layer), 'a,b' -> ['a', 'b']."""
+    """'mlp'/'base'/'adapters' as they are, 'all' -> None (every supported layer), 'a,b' -> ['a', 'b']."""
     if modules is None or isinstance(modules, list):
         return modules
     if modules == "all":
         return None
-    if modules == "mlp":
-        return "mlp"
+    if modules in ("mlp", "base", "adapters"):
+        return modules
     names = [m.strip() for m in modules.split(",") if m.strip()]
     if not names:
         raise InputError(f"--modules {modules!r} names no layer; pass 'mlp', 'all' or comma-separated names")
@@ -155,11 +156,12 @@ def reopen(
             f"{workdir} was fitted from Python with a model headwater cannot reload by itself; pass --model DIR "
             "(the model's save_pretrained directory)"
         )
+    kind = settings.get("task", "causal-lm")
     net = load_model(
-        model_path, device=device or settings.get("device", "auto"), dtype=settings.get("dtype", "float32")
+        model_path, device=device or settings.get("device", "auto"), dtype=settings.get("dtype", "float32"), task=kind
     )
     tok = load_tokenizer(tokenizer or settings.get("tokenizer") or model_path)
-    task = hw.LanguageModelingTask(tokenizer=tok, max_length=settings.get("max_length"))
+    task = make_task(kind, tok, settings.get("max_length"))
     modules = settings.get("modules", "mlp")
     modules = parse_modules(modules) if isinstance(modules, str) else modules
     try:
@@ -178,6 +180,17 @@ def reopen(
     except WorkdirMismatchError as e:
         raise cli_mismatch(e, workdir) from e
     return Reopened(an, settings, tok, task)
+
+
+def make_task(kind: str, tokenizer: Any, max_length: int | None) -> Any:
+    """The Task for a ``--task`` kind (``io.TASK_KINDS``)."""
+    import headwater as hw
+
+    if kind == "seq-cls":
+        return hw.SequenceClassificationTask(tokenizer=tokenizer, max_length=max_length)
+    if kind == "seq2seq":
+        return hw.Seq2SeqTask(tokenizer=tokenizer, max_length=max_length)
+    return hw.LanguageModelingTask(tokenizer=tokenizer, max_length=max_length)
 
 
 def cli_mismatch(e: WorkdirMismatchError, workdir: Path) -> InputError:
@@ -201,7 +214,7 @@ def at_location(e: ExampleError, data: Any, path: str | Path) -> InputError:
     return InputError(f"{where(data, path, e.index)} (example {e.index}){e.detail}")
 
 
-def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log) -> None:
+def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log, kind: str = "causal-lm") -> None:
     """Tokenize every query once before scoring: say which prompts are cut, refuse what cannot fit.
 
     A prompt too long for ``max_length`` is truncated from the left (the completion is what is
@@ -213,7 +226,7 @@ def check_queries_fit(task: Any, queries: list[dict], path: Path, log: Log) -> N
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                task.collate([{"prompt": q["prompt"], "completion": q["completion"]}])
+                task.collate([query_example(q, kind)])
             except ExampleError as e:
                 raise InputError(f"{where(queries, path, i)}{e.detail}") from e
             except ValueError as e:

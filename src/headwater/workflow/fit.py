@@ -12,7 +12,18 @@ from ..io import InputError
 from ..storage import load_json, save_json
 from ..validation import check_choice
 from ..workdir import CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, WorkdirMismatchError
-from .common import CLI_FILE, CLI_SCHEMA, RUNS, Log, at_location, cli_mismatch, located_warnings, now, parse_modules
+from .common import (
+    CLI_FILE,
+    CLI_SCHEMA,
+    RUNS,
+    Log,
+    at_location,
+    cli_mismatch,
+    located_warnings,
+    make_task,
+    now,
+    parse_modules,
+)
 
 __all__ = ["fit_workdir", "factor_table", "MAX_FACTOR_SIDE"]
 
@@ -88,7 +99,14 @@ def _previous(workdir: Path) -> dict | None:
 
 
 def _check_previous(
-    prev: dict | None, workdir: Path, max_length: int, tok_hash: str, fp: str, dtype: str, model_dtype: str
+    prev: dict | None,
+    workdir: Path,
+    max_length: int,
+    tok_hash: str,
+    fp: str,
+    dtype: str,
+    model_dtype: str,
+    kind: str = "causal-lm",
 ) -> None:
     """A workdir fitted with another truncation, tokenizer, precision or data needs --overwrite.
 
@@ -98,7 +116,7 @@ def _check_previous(
     """
     if prev is None:
         return
-    checks = [("max_length", max_length), ("tokenizer_sha256", tok_hash)]
+    checks = [("task", kind), ("max_length", max_length), ("tokenizer_sha256", tok_hash)]
     checks.append(("model_dtype", model_dtype) if "model_dtype" in prev else ("dtype", dtype))
     changed = [f"{k}={prev.get(k)!r} (now {v!r})" for k, v in checks if k in prev and prev[k] != v]
     if changed:
@@ -118,6 +136,7 @@ def fit_workdir(
     workdir: str | Path,
     *,
     tokenizer: str | Path | None = None,
+    task: str = "causal-lm",
     modules: str | list[str] | None = "mlp",
     strategy: str = "ekfac",
     fisher: str = "auto",
@@ -150,8 +169,8 @@ def fit_workdir(
     model_path = Path(model).resolve()
     tok_path = Path(tokenizer).resolve() if tokenizer is not None else model_path
     data_path = Path(data).resolve()
-    docs = read_documents(data_path)
-    net = load_model(model_path, device=device, dtype=dtype)
+    docs = read_documents(data_path, task)
+    net = load_model(model_path, device=device, dtype=dtype, task=task)
     tok = load_tokenizer(tok_path)
     ctx = context_length(net)
     if max_length is None:
@@ -163,7 +182,7 @@ def fit_workdir(
     fp = fingerprint(docs)
     tok_hash = tokenizer_sha256(tok_path)
     model_dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
-    task = hw.LanguageModelingTask(tokenizer=tok, max_length=max_length)
+    kind, task = task, make_task(task, tok, max_length)
 
     def attributor(into: Path | None) -> Any:
         return hw.Attributor(
@@ -186,7 +205,7 @@ def fit_workdir(
         _reset(workdir)
     else:
         prev = _previous(workdir)
-        _check_previous(prev, workdir, max_length, tok_hash, fp, dtype, model_dtype)
+        _check_previous(prev, workdir, max_length, tok_hash, fp, dtype, model_dtype, kind)
     try:
         an = attributor(workdir)
     except WorkdirMismatchError as e:
@@ -214,6 +233,7 @@ def fit_workdir(
         "model": str(model_path),
         "tokenizer": str(tok_path),
         "tokenizer_sha256": tok_hash,
+        "task": kind,
         "data": str(data_path),
         "data_sha256": file_sha256(data_path),
         "data_fingerprint": fp,

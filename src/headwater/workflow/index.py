@@ -164,7 +164,7 @@ def build_workdir_index(
     r = reopen(workdir, device=device, progress=progress)
     an, settings = r.attributor, r.settings
     data_path = _data_path(settings, data)
-    docs = read_documents(data_path)
+    docs = read_documents(data_path, settings.get("task", "causal-lm"))
     if data is None:
         check_fit_data(an, docs, data_path, workdir)
     path = Path(index) if index is not None else workdir / "index"
@@ -235,16 +235,17 @@ def query_workdir_index(
     """Score queries from the index; write a run directory (scores.safetensors, results.jsonl, report.html)."""
     from ..data import fingerprint
     from ..index import GradientIndex, query_index
-    from ..io import document_text, read_documents, read_queries
+    from ..io import document_text, query_example, read_documents, read_queries
     from .common import RESULTS_FILE
     from .outputs import render
 
     workdir = Path(workdir)
     damping = check_damping(damping)
     qpath = Path(queries).resolve()
-    qs = read_queries(qpath)
     r = reopen(workdir, device=device, progress=progress)
     an, settings, tok = r.attributor, r.settings, r.tokenizer
+    kind = settings.get("task", "causal-lm")
+    qs = read_queries(qpath, kind)
     path = Path(index) if index is not None else workdir / "index"
     tidy(path)
     idx = GradientIndex.open(path, verify=True)
@@ -256,7 +257,7 @@ def query_workdir_index(
             f"`headwater index build --workdir {workdir} --overwrite`"
         )
     data_path = _data_path(settings, data)
-    docs = read_documents(data_path)  # for the texts of the top sequences
+    docs = read_documents(data_path, kind)  # for the texts of the top sequences
     fp = fingerprint(docs)
     if fp != idx.manifest["data_fingerprint"]:
         raise InputError(
@@ -264,8 +265,8 @@ def query_workdir_index(
             f"this data {fp}); pass the indexed file with --data, or rebuild with `headwater index build`"
         )
     check_relevant(qs, len(docs), data_path.name)
-    check_queries_fit(r.task, qs, qpath, log)
-    clean_q = [{"prompt": q["prompt"], "completion": q["completion"]} for q in qs]
+    check_queries_fit(r.task, qs, qpath, log, kind)
+    clean_q = [query_example(q, kind) for q in qs]
     k = min(top_k, idx.n_records)
     log(f"querying {len(qs)} queries against {idx.n_records} indexed documents ({path})")
     t0 = time.perf_counter()

@@ -245,7 +245,7 @@ def _data_fingerprint(findings: list[Finding], settings: dict | None) -> str | N
         )
         return None
     try:
-        return fingerprint(read_documents(path))
+        return fingerprint(read_documents(path, (settings or {}).get("task", "causal-lm")))
     except InputError as e:
         findings.append(Finding("corrupt", str(path), " ".join(str(e).split())))
         return None

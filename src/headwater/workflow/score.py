@@ -180,15 +180,16 @@ def score_workdir(
 ) -> dict:
     """Score queries against the training data; write a run directory. Returns {"results", "out", ...}."""
     from ..data import fingerprint
-    from ..io import document_text, read_documents, read_queries
+    from ..io import document_text, query_example, read_documents, read_queries
     from .outputs import render
 
     workdir = Path(workdir)
     damping = check_damping(damping)
     qpath = Path(queries).resolve()
-    qs = read_queries(qpath)
     r = reopen(workdir, device=device, model=model, tokenizer=tokenizer, progress=progress)
     an, settings, tok = r.attributor, r.settings, r.tokenizer
+    kind = settings.get("task", "causal-lm")
+    qs = read_queries(qpath, kind)
     if an.strategy != "identity" and an.curvature is None:
         raise InputError(f"workdir {workdir} has no fitted factors (factors.safetensors); run `headwater fit` first")
     if data is None:
@@ -201,15 +202,15 @@ def score_workdir(
     else:
         recorded = False
     data_path = Path(data).resolve()
-    docs = read_documents(data_path)
+    docs = read_documents(data_path, kind)
     if recorded:
         check_fit_data(an, docs, data_path, workdir)
     data_fp = fingerprint(docs)
     check_relevant(qs, len(docs), data_path.name)
-    check_queries_fit(r.task, qs, qpath, log)
+    check_queries_fit(r.task, qs, qpath, log, kind)
     bs = batch_size or settings.get("batch_size", 8)
     rank = query_rank or None
-    clean_q = [{"prompt": q["prompt"], "completion": q["completion"]} for q in qs]
+    clean_q = [query_example(q, kind) for q in qs]
     k = min(top_k, len(docs) if candidates is None else min(candidates, len(docs)))
     spec = {
         "queries": fingerprint(clean_q),
@@ -247,9 +248,14 @@ def score_workdir(
         log(f"reusing the cached scores of an identical earlier run ({sc.meta.get('run', {}).get('id')})")
     top, bottom = sc.top(k), sc.bottom(k)
     shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
-    with located_warnings({"": None}):  # the main pass has said which of them are truncated
-        tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
-    token_scores = _shown_token_scores(an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress)
+    if kind == "causal-lm":  # token heatmaps: a causal LM's per-token scores follow its one token axis
+        with located_warnings({"": None}):  # the main pass has said which of them are truncated
+            tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
+        token_scores = _shown_token_scores(
+            an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress
+        )
+    else:
+        tokens_of, token_scores = {i: [] for s in shown for i in s}, [dict.fromkeys(s, [0.0]) for s in shown]
     seconds = time.perf_counter() - t0
     pieces = {i: token_pieces(tok, ids) for i, ids in tokens_of.items()}
     layers = list(an.layers)
@@ -263,7 +269,7 @@ def score_workdir(
             "score": score,
             "text": document_text(docs[i], tok),
             "tokens": pieces[i],
-            "token_scores": [0.0] + raw[:-1],
+            "token_scores": ([0.0] + raw[:-1])[: len(pieces[i])],
             "per_layer": {n: float(sc.per_layer[n][q, i]) for n in layers},
         }
 

@@ -1,0 +1,176 @@
+"""``--task seq-cls`` and ``--task seq2seq`` and a PEFT adapter directory through the command line,
+compared with the Python API computing the same scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import headwater as hw
+from headwater.cli import app
+from headwater.io import query_example, read_documents, read_queries
+from headwater.storage import load_tensors
+from headwater.synthetic import make_corpus, train_tokenizer
+
+
+def invoke(*args):  # noqa: ANN201
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tok():  # noqa: ANN201
+    return train_tokenizer(make_corpus(seed=3, small=True).docs, vocab_size=200)
+
+
+def _texts(n: int) -> list[str]:
+    return make_corpus(seed=3, small=True).docs[:n]
+
+
+def _compare(wd: Path, run: Path, an: hw.Attributor, queries: list, docs: list) -> None:
+    values = load_tensors(run / "scores.safetensors")[0]["values"]
+    ref = an.scores(queries, docs, batch_size=4, query_rank=None).values
+    torch.testing.assert_close(values, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+def test_sequence_classification_from_the_command_line(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(_texts(12))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    wd = tmp_path / "wd"
+    fit = invoke(
+        "fit",
+        "--model",
+        tmp_path / "model",
+        "--data",
+        tmp_path / "train.jsonl",
+        "--workdir",
+        wd,
+        "--task",
+        "seq-cls",
+        "--batch-size",
+        4,
+        "--quiet",
+    )
+    assert fit.exit_code == 0, fit.output
+    res = invoke(
+        "score", "--workdir", wd, "--queries", tmp_path / "q.jsonl", "--out", wd / "run", "--query-rank", 0, "--quiet"
+    )
+    assert res.exit_code == 0, res.output
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    an = hw.Attributor(model, task=hw.SequenceClassificationTask(tok, max_length=64), modules="mlp")
+    docs = read_documents(tmp_path / "train.jsonl", "seq-cls")
+    an.fit(docs, batch_size=4)
+    queries = [query_example(q, "seq-cls") for q in read_queries(tmp_path / "q.jsonl", "seq-cls")]
+    _compare(wd, wd / "run", an, queries, docs)
+    row = json.loads((wd / "run" / "results.jsonl").read_text().splitlines()[0])
+    assert row["completion"] == " -> label 0" and row["top"][0]["text"] in _texts(12)
+    assert invoke("report", wd / "run", "--quiet").exit_code == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no label"}) + "\n")
+    res = invoke("fit", "--model", tmp_path / "model", "--data", bad, "--workdir", tmp_path / "w2", "--task", "seq-cls")
+    assert res.exit_code == 2 and "bad.jsonl, line 1: a classification example needs an integer 'label'" in res.stderr
+
+
+def test_seq2seq_from_the_command_line(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    texts = _texts(10)
+    rows = [{"source": t[: len(t) // 2], "target": t[len(t) // 2 :]} for t in texts]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    wd = tmp_path / "wd"
+    fit = invoke(
+        "fit",
+        "--model",
+        tmp_path / "model",
+        "--data",
+        tmp_path / "train.jsonl",
+        "--workdir",
+        wd,
+        "--task",
+        "seq2seq",
+        "--batch-size",
+        4,
+        "--max-length",
+        64,
+        "--quiet",
+    )
+    assert fit.exit_code == 0, fit.output
+    res = invoke(
+        "score", "--workdir", wd, "--queries", tmp_path / "q.jsonl", "--out", wd / "run", "--query-rank", 0, "--quiet"
+    )
+    assert res.exit_code == 0, res.output
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    an = hw.Attributor(model, task=hw.Seq2SeqTask(tok, max_length=64), modules="mlp")
+    docs = read_documents(tmp_path / "train.jsonl", "seq2seq")
+    an.fit(docs, batch_size=4)
+    queries = [query_example(q, "seq2seq") for q in read_queries(tmp_path / "q.jsonl", "seq2seq")]
+    _compare(wd, wd / "run", an, queries, docs)
+
+
+def test_a_peft_adapter_directory_tracks_its_adapters(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install headwater[peft])")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=1, n_head=2))
+    base.save_pretrained(tmp_path / "base")
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")  # the adapter records where its base model is
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: B != 0
+    lora.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(8)))
+    wd = tmp_path / "wd"
+    fit = invoke(
+        "fit",
+        "--model",
+        tmp_path / "adapter",
+        "--data",
+        tmp_path / "train.jsonl",
+        "--workdir",
+        wd,
+        "--modules",
+        "all",
+        "--quiet",
+    )
+    assert fit.exit_code == 0, fit.output
+    layers = json.loads((wd / "cli.json").read_text())["layers"]
+    assert layers and all("lora_A" in n or "lora_B" in n for n in layers), layers
