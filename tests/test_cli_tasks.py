@@ -174,3 +174,106 @@ def test_a_peft_adapter_directory_tracks_its_adapters(tmp_path: Path, tok) -> No
     assert fit.exit_code == 0, fit.output
     layers = json.loads((wd / "cli.json").read_text())["layers"]
     assert layers and all("lora_A" in n or "lora_B" in n for n in layers), layers
+
+
+def test_score_with_the_unrolled_response_and_a_calibrated_damping(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "model"
+    )
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(8)))
+    q = make_corpus(seed=3, small=True).queries[:2]
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": x["prompt"], "completion": x["completion"]}) + "\n" for x in q)
+    )
+    wd = tmp_path / "wd"
+    assert (
+        invoke(
+            "fit", "--model", tmp_path / "model", "--data", tmp_path / "train.jsonl", "--workdir", wd, "--quiet"
+        ).exit_code
+        == 0
+    )
+    base = ["score", "--workdir", wd, "--queries", tmp_path / "q.jsonl", "--query-rank", 0, "--quiet"]
+    assert invoke(*base, "--out", wd / "influence").exit_code == 0
+    res = invoke(*base, "--out", wd / "long", "--response", "unrolled", "--lr", 1, "--steps", 1e12)
+    assert res.exit_code == 0, res.output
+    a = load_tensors(wd / "influence" / "scores.safetensors")[0]["values"]
+    b = load_tensors(wd / "long" / "scores.safetensors")[0]["values"]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7 * a.abs().max().item())  # a long run: the influence
+    res = invoke(*base, "--out", wd / "u", "--response", "unrolled", "--lr", 0.1)
+    assert res.exit_code == 2 and "--response unrolled needs --lr and --steps" in res.stderr
+    res = invoke(*base, "--out", wd / "c", "--damping", "calibrate")
+    assert res.exit_code == 2 and 'damping="calibrate" needs a calibration in the workdir' in res.stderr
+    cal = invoke("calibrate", "--workdir", wd, "--subsets", 3, "--steps", 2)
+    assert cal.exit_code == 0, cal.output
+    assert "calibrated damping scale" in cal.stderr and (wd / "calibration.json").exists()
+    assert invoke(*base, "--out", wd / "c", "--damping", "calibrate").exit_code == 0
+
+
+def test_source_from_a_training_record_and_calibrate(tmp_path: Path, tok) -> None:  # noqa: ANN001
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from headwater.training import TrainingRecorder
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=16, n_layer=1, n_head=2))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(8)))
+    docs = read_documents(tmp_path / "train.jsonl")
+    task = hw.LanguageModelingTask(tokenizer=tok, max_length=48)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batch = task.collate(list(docs))
+    with TrainingRecorder(tmp_path / "record", model, opt, segments=2, total_steps=4, data=docs) as rec:
+        for _ in range(4):
+            opt.zero_grad()
+            (task.loss(model, batch) / len(docs)).backward()
+            opt.step()
+    assert rec is not None
+    tok.save_pretrained(tmp_path / "tok")
+    q = make_corpus(seed=3, small=True).queries[:2]
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"prompt": x["prompt"], "completion": x["completion"]}) + "\n" for x in q)
+    )
+    res = invoke(
+        "source",
+        "--from-training",
+        tmp_path / "record",
+        "--data",
+        tmp_path / "train.jsonl",
+        "--queries",
+        tmp_path / "q.jsonl",
+        "--out",
+        tmp_path / "run",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--top-k",
+        3,
+        "--max-length",
+        48,
+        "--quiet",
+    )
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and len(rows[0]["top"]) == 3
+    rep = invoke("report", tmp_path / "run", "--quiet")
+    assert rep.exit_code == 0, rep.stderr
+    wrong = tmp_path / "other.jsonl"
+    wrong.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(9)))
+    res = invoke(
+        "source",
+        "--from-training",
+        tmp_path / "record",
+        "--data",
+        wrong,
+        "--queries",
+        tmp_path / "q.jsonl",
+        "--out",
+        tmp_path / "run2",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--max-length",
+        48,
+    )
+    assert res.exit_code == 2 and "is not what it trained on" in res.stderr

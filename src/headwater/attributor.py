@@ -244,9 +244,9 @@ class Attributor:
         """Per-layer damping: the paper's 0.1 x mean eigenvalue (floored where it is 0), an absolute value,
         or "calibrate": the choice ``headwater.training.calibrate_damping`` cached in the workdir."""
         if damping == "calibrate":
-            from .training import calibrated_damping
-
-            return calibrated_damping(self)
+            if self.workdir is None:
+                raise ValueError('damping="calibrate" reads the calibration from the workdir; create it with workdir=')
+            return self.workdir.calibrated_damping(self.factors_checksum, list(self.layers))
         return resolve_damping(self._require_fitted(), damping)
 
     def query_gradients(

@@ -27,6 +27,7 @@ __all__ = ["Workdir", "WorkdirMismatchError", "CONFIG_KEYS", "DERIVED"]
 CONFIG_FILE = "config.json"
 FACTORS_FILE = "factors.safetensors"
 COVARIANCE_FILE = "covariance.safetensors"
+CALIBRATION_FILE = "calibration.json"  # written by headwater.training.calibrate_damping
 CHECKPOINTS = "checkpoints"
 SCORES = "scores"
 # What must match for a workdir to be reused, in the order a mismatch is reported.
@@ -43,6 +44,7 @@ DERIVED = (
     "report.html",
     "run.json",
     "analysis.json",
+    CALIBRATION_FILE,
 )
 REFIT = "refit with overwrite=True (headwater fit --overwrite)"
 
@@ -176,6 +178,25 @@ class Workdir:
 
     def cached_scores(self, key: str) -> Path:
         return self.path / SCORES / f"{key}.safetensors"
+
+    def calibrated_damping(self, factors: str | None, layers: list[str]) -> dict[str, float]:
+        """The per-layer damping ``headwater.training.calibrate_damping`` saved here (``damping="calibrate"``).
+
+        Refused when there is none, or when it was calibrated for other factors or layers.
+        """
+        path = self.path / CALIBRATION_FILE
+        if not path.exists():
+            raise ValueError(
+                f'damping="calibrate" needs a calibration in the workdir {self.path}; run '
+                "headwater.training.calibrate_damping(an, train) first"
+            )
+        saved = load_json(path, hint="delete it and recalibrate")
+        damping = (saved.get("calibration") or {}).get("damping") or {}
+        if saved.get("factors") != factors or set(damping) != set(layers):
+            raise ValueError(
+                f"{path} was calibrated for other factors or layers; rerun headwater.training.calibrate_damping"
+            )
+        return {n: float(damping[n]) for n in layers}
 
     # ---- staleness -----------------------------------------------------------------------
     def clear_derived(self) -> None:

@@ -128,6 +128,12 @@ def fit(
     allow_large: Annotated[
         bool, typer.Option("--allow-large", help="Fit Kronecker factors wider than 8192 (e.g. a vocabulary head).")
     ] = False,
+    fit_examples: Annotated[
+        int | None,
+        typer.Option(
+            "--fit-examples", min=1, help="Fit the factors on a seeded sample of N documents (large corpora)."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -156,8 +162,58 @@ def fit(
             overwrite=overwrite,
             keep_covariance=keep_covariance,
             allow_large=allow_large,
+            fit_examples=fit_examples,
             progress=not quiet,
             log=log,
+        )
+
+    run_command(quiet, debug, body)
+
+
+@app.command()
+def plan(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Local Hugging Face model directory.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Training data, as for `headwater fit`.")],
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory, if not saved with the model.")] = None,
+    task: Annotated[str, typer.Option(help="causal-lm, seq-cls or seq2seq.")] = "causal-lm",
+    modules: Annotated[str, typer.Option(help="As for `headwater fit`.")] = "mlp",
+    strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
+    max_length: Annotated[int | None, typer.Option("--max-length", min=2, help="As for `headwater fit`.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per batch.")] = 8,
+    queries: Annotated[int, typer.Option(min=0, help="Queries to plan a scoring run for (0: the fit only).")] = 0,
+    query_rank: Annotated[int, typer.Option("--query-rank", min=0, help="As for `headwater score`.")] = 32,
+    per_token: Annotated[bool, typer.Option("--per-token", help="Plan [Q, N, T] per-token scores.")] = False,
+    index_dim: Annotated[int | None, typer.Option("--index-dim", min=1, help="Plan an index of this dim.")] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="A memory budget such as 16GB: print the largest batch size that fits.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (as saved).")] = "float32",
+    debug: DebugOpt = False,
+) -> None:
+    """Memory, disk and time each stage will need, from exact sizes and one probed batch (nothing is written)."""
+    quiet, debug, _ = setup(False, debug)
+
+    def body() -> None:
+        from ..workflow.plan import plan_files
+
+        plan_files(
+            model,
+            data,
+            tokenizer=tokenizer,
+            task=task,
+            modules=modules,
+            strategy=strategy,
+            max_length=max_length,
+            batch_size=batch_size,
+            queries=queries,
+            query_rank=query_rank or None,
+            per_token=per_token,
+            index_dim=index_dim,
+            device=device,
+            dtype=dtype,
+            memory=memory,
+            log=typer.echo,
         )
 
     run_command(quiet, debug, body)
@@ -183,8 +239,18 @@ def score(
         int, typer.Option("--query-rank", min=0, help="Low-rank query gradients (the paper uses 32); 0 = exact.")
     ] = 32,
     damping: Annotated[
-        float | None, typer.Option(help="Absolute damping, >= 0 (default: 0.1 x mean eigenvalue per layer).")
+        str | None,
+        typer.Option(
+            help="Absolute damping >= 0, or 'calibrate' (saved by headwater.training.calibrate_damping); "
+            "default: 0.1 x mean eigenvalue per layer."
+        ),
     ] = None,
+    response: Annotated[
+        str, typer.Option(help="influence (the default) or unrolled: the response of --steps steps at --lr.")
+    ] = "influence",
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the training run (--response unrolled).")] = None,
+    steps: Annotated[float | None, typer.Option(help="Training steps (--response unrolled).")] = None,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="For --response unrolled.")] = 0.0,
     per_token: Annotated[
         bool, typer.Option("--per-token", help="Save per-token scores for every training sequence ([Q, N, T]).")
     ] = False,
@@ -202,6 +268,7 @@ def score(
 
     def body() -> None:
         from ..workflow import score_workdir
+        from ..workflow.common import make_response
 
         run = score_workdir(
             workdir,
@@ -213,12 +280,79 @@ def score(
             top_k=top_k,
             query_rank=query_rank or None,
             damping=damping,
+            response=make_response(response, lr, steps, weight_decay),
             per_token=per_token,
             batch_size=batch_size,
             device=device,
             progress=not quiet,
             log=log,
             candidates=candidates,
+        )
+        echo_top(run["results"])
+
+    run_command(quiet, debug, body)
+
+
+@app.command()
+def calibrate(
+    workdir: WorkdirOpt,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="Training data (default: the data fitted on).")
+    ] = None,
+    subsets: Annotated[int, typer.Option(min=3, help="Random half subsets fine-tuned from the final weights.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Full-batch Adam steps per subset.")] = 50,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Choose the damping from short fine-tuning runs (a small local LDS); then score with --damping calibrate."""
+    quiet, debug, log = setup(quiet, debug)
+
+    def body() -> None:
+        from ..workflow.training import calibrate_workdir
+
+        calibrate_workdir(workdir, data=data, device=device, log=log, subsets=subsets, steps=steps)
+
+    run_command(quiet, debug, body)
+
+
+@app.command()
+def source(
+    from_training: Annotated[
+        Path, typer.Option("--from-training", help="A record written by headwater.integrations.HeadwaterCallback.")
+    ],
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="Each recorded stage's data, in stage order.")],
+    queries: Annotated[Path, typer.Option("--queries", help="JSONL with 'prompt' and 'completion' per line.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for scores, results and report.")],
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer directory of the trained model.")],
+    task: Annotated[str, typer.Option(help="causal-lm, seq-cls or seq2seq.")] = "causal-lm",
+    modules: Annotated[str, typer.Option(help="As for `headwater fit`.")] = "mlp",
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", min=2, help="Truncate documents to N tokens.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per batch.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Most positive and most negative sequences.")] = 20,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """SOURCE: attribution through the recorded training run's segments (checkpoints, schedule, optimizer)."""
+    quiet, debug, log = setup(quiet, debug)
+
+    def body() -> None:
+        from ..workflow.training import source_run
+
+        run = source_run(
+            from_training,
+            data,
+            queries,
+            out,
+            tokenizer=tokenizer,
+            task=task,
+            modules=modules,
+            max_length=max_length,
+            batch_size=batch_size,
+            top_k=top_k,
+            log=log,
         )
         echo_top(run["results"])
 

@@ -261,22 +261,5 @@ def _finish(cal: Calibration, cache: Any, key: str | None, factors: str | None =
 
 
 def calibrated_damping(an: Any) -> dict[str, float]:
-    """The per-layer damping ``calibrate_damping`` cached in ``an``'s workdir, for ``damping="calibrate"``.
-
-    Refused when there is none, or when it was calibrated for other factors (a refit removes it).
-    """
-    path = an.workdir.path / CALIBRATION_FILE if an.workdir is not None else None
-    if path is None or not path.exists():
-        raise ValueError(
-            'damping="calibrate" needs a calibration in the workdir; run '
-            "headwater.training.calibrate_damping(an, train) first (it needs an Attributor with a workdir)"
-        )
-    saved = load_json(path, hint="delete it and recalibrate")
-    if saved.get("factors") != an.factors_checksum:
-        raise ValueError(
-            f"{path} was calibrated for other factors; rerun headwater.training.calibrate_damping(an, train)"
-        )
-    damping = Calibration.from_json(saved["calibration"]).damping
-    if set(damping) != set(an.layers):
-        raise ValueError(f"{path} was calibrated for another layer set; rerun headwater.training.calibrate_damping")
-    return damping
+    """The per-layer damping saved by ``calibrate_damping`` in ``an``'s workdir (``an.damping("calibrate")``)."""
+    return an.damping("calibrate")

@@ -42,6 +42,7 @@ __all__ = [
     "at_location",
     "check_queries_fit",
     "make_task",
+    "make_response",
     "check_damping",
     "check_fit_data",
     "located_warnings",
@@ -244,27 +245,50 @@ def check_fit_data(an: Any, docs: Any, path: Path, workdir: Path) -> None:
     """
     from ..data import fingerprint
 
+    expected = (read_settings(workdir).get("data_fingerprint") if (workdir / CLI_FILE).exists() else None) or (
+        an.fit_fingerprint
+    )
     fp = fingerprint(docs)
-    if an.fit_fingerprint is not None and fp != an.fit_fingerprint:
+    if expected is not None and fp != expected:
         raise InputError(
-            f"the training data {path} changed since the fit (fingerprint {an.fit_fingerprint}, now {fp}), so the "
+            f"the training data {path} changed since the fit (fingerprint {expected}, now {fp}), so the "
             f"factors no longer describe it; refit with `headwater fit --overwrite --workdir {workdir} ...`, or pass "
             f"--data {path} to use it with the existing factors anyway"
         )
 
 
-def check_damping(damping: float | None) -> float | None:
+def check_damping(damping: float | str | None) -> float | str | None:
     """``--damping`` refused in the command line's terms before anything is read or written.
 
-    NaN and inf pass a plain ``>= 0`` option check (inf then turns every score into 0), so
-    the option takes any float and is checked here, giving the usual one-line error.
+    A number (NaN and inf pass a plain ``>= 0`` option check, and inf turns every score into 0,
+    so the option is a string checked here), or "calibrate": the damping that
+    ``headwater.training.calibrate_damping`` saved in the workdir.
     """
-    if damping is not None and not (math.isfinite(damping) and damping >= 0):
+    if damping is None or damping == "calibrate":
+        return damping
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
         raise InputError(
-            f"--damping {damping} is not a finite non-negative number; pass e.g. --damping 1e-3, or omit "
-            "--damping for the paper's rule (0.1 x the mean eigenvalue of each layer)"
+            f"--damping {damping} is not a finite non-negative number or 'calibrate'; pass e.g. --damping 1e-3, or "
+            "omit --damping for the paper's rule (0.1 x the mean eigenvalue of each layer)"
         )
-    return damping
+    return value
+
+
+def make_response(response: str | None, lr: float | None, steps: float | None, weight_decay: float = 0.0) -> Any:
+    """``--response``: None (the influence function) or "unrolled" with ``--lr`` and ``--steps``."""
+    if response in (None, "influence"):
+        return None
+    if response != "unrolled":
+        raise InputError(f"--response {response!r} is unknown; choose influence or unrolled")
+    if lr is None or steps is None:
+        raise InputError("--response unrolled needs --lr and --steps (the training run's learning rate and step count)")
+    from ..training import Unrolled
+
+    return Unrolled(lr=lr, steps=steps, weight_decay=weight_decay)
 
 
 @contextlib.contextmanager

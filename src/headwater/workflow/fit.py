@@ -107,6 +107,7 @@ def _check_previous(
     dtype: str,
     model_dtype: str,
     kind: str = "causal-lm",
+    fit_examples: int | None = None,
 ) -> None:
     """A workdir fitted with another truncation, tokenizer, precision or data needs --overwrite.
 
@@ -117,6 +118,7 @@ def _check_previous(
     if prev is None:
         return
     checks = [("task", kind), ("max_length", max_length), ("tokenizer_sha256", tok_hash)]
+    checks.append(("fit_examples", fit_examples))
     checks.append(("model_dtype", model_dtype) if "model_dtype" in prev else ("dtype", dtype))
     changed = [f"{k}={prev.get(k)!r} (now {v!r})" for k, v in checks if k in prev and prev[k] != v]
     if changed:
@@ -151,6 +153,7 @@ def fit_workdir(
     keep_covariance: bool = False,
     allow_large: bool = False,
     max_factor_side: int = MAX_FACTOR_SIDE,
+    fit_examples: int | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> dict:
@@ -162,7 +165,7 @@ def fit_workdir(
     """
     import headwater as hw
 
-    from ..data import fingerprint
+    from ..data import fingerprint, sample_examples
     from ..io import context_length, file_sha256, load_model, load_tokenizer, read_documents, tokenizer_sha256
 
     workdir = Path(workdir)
@@ -205,12 +208,15 @@ def fit_workdir(
         _reset(workdir)
     else:
         prev = _previous(workdir)
-        _check_previous(prev, workdir, max_length, tok_hash, fp, dtype, model_dtype, kind)
+        _check_previous(prev, workdir, max_length, tok_hash, fp, dtype, model_dtype, kind, fit_examples)
     try:
         an = attributor(workdir)
     except WorkdirMismatchError as e:
         raise cli_mismatch(e, workdir) from e
-    reuse = an.curvature is not None and an.fit_fingerprint == fp and strategy != "identity"
+    # --fit-examples N: the factors from a seeded sample (the engine's sample_examples, so the
+    # Python API with max_examples=N fits the same sequences)
+    fit_docs = sample_examples(docs, fit_examples, seed)
+    reuse = an.curvature is not None and an.fit_fingerprint == fingerprint(fit_docs) and strategy != "identity"
     t0 = time.perf_counter()
     if reuse:
         log(f"reusing the factors fitted at {an.fitted_at} in {workdir} (pass --overwrite to refit)")
@@ -222,7 +228,7 @@ def fit_workdir(
         _check_sizes(an, allow_large, max_factor_side, log)
         try:
             with located_warnings({"training data": (docs, data_path)}):
-                an.fit(docs, batch_size=batch_size, keep_covariance=keep_covariance)
+                an.fit(fit_docs, batch_size=batch_size, keep_covariance=keep_covariance)
         except ExampleError as e:
             raise at_location(e, docs, data_path) from e
     seconds = time.perf_counter() - t0
@@ -237,6 +243,7 @@ def fit_workdir(
         "data": str(data_path),
         "data_sha256": file_sha256(data_path),
         "data_fingerprint": fp,
+        "fit_examples": fit_examples,
         "n_train": len(docs),
         "max_length": max_length,
         "modules": modules if isinstance(modules, (str, type(None))) else list(modules),

@@ -81,6 +81,7 @@ def _shown_token_scores(
     damping: Any,
     rank: Any,
     progress: bool,
+    response: Any = None,
 ) -> list[dict]:
     """Per-token scores of the sequences the report shows, [Q] -> {index: [per position]}.
 
@@ -102,7 +103,14 @@ def _shown_token_scores(
         for q in it:
             rows = [docs[i] for i in shown[q]]
             st = an.scores(
-                [queries[q]], rows, batch_size=bs, damping=damping, query_rank=rank, per_token=True, cache=False
+                [queries[q]],
+                rows,
+                batch_size=bs,
+                damping=damping,
+                query_rank=rank,
+                per_token=True,
+                cache=False,
+                response=response,
             )
             out.append({i: st.per_token[0, j, : len(tokens_of[i])].tolist() for j, i in enumerate(shown[q])})
     return out
@@ -174,6 +182,7 @@ def score_workdir(
     batch_size: int | None = None,
     device: str | None = None,
     candidates: int | None = None,
+    response: Any = None,
     progress: bool = True,
     log: Log = print,
     title: str | None = None,
@@ -218,6 +227,7 @@ def score_workdir(
         "top_k": k,
         "query_rank": rank,
         "damping": damping,
+        "response": response.spec() if response is not None else None,
         "per_token": per_token,
         "candidates": candidates,
         "factors": an.factors_checksum,
@@ -241,6 +251,7 @@ def score_workdir(
                 per_layer=True,
                 per_token=per_token,
                 candidates=candidates,
+                response=response,
             )
     except ExampleError as e:
         raise at_location(e, docs, data_path) from e
@@ -252,7 +263,7 @@ def score_workdir(
         with located_warnings({"": None}):  # the main pass has said which of them are truncated
             tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
         token_scores = _shown_token_scores(
-            an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress
+            an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress, response
         )
     else:
         tokens_of, token_scores = {i: [] for s in shown for i in s}, [dict.fromkeys(s, [0.0]) for s in shown]
