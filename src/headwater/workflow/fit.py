@@ -132,6 +132,35 @@ def _check_previous(
         )
 
 
+def _tracked(model: Any, layers: dict) -> dict:
+    """What ``inspect`` and the report show about the selection: each layer's kind and the share covered."""
+    from ..layers import coverage, describe_layers
+
+    cov = coverage(model, layers)
+    kinds = {
+        row["name"]: {k: row[k] for k in ("kind", "params", "share", "expert", "block") if k in row}
+        for row in describe_layers(model, layers)
+    }
+    from ..layers import supported_layers
+
+    supported = set(supported_layers(model))
+    untracked = []
+    for u in cov["untracked"]:
+        if u.get("warn"):
+            module = u["name"].rsplit(".", 1)[0]
+            reason = "trackable, not selected by --modules" if module in supported else u["reason"]
+            untracked.append({"name": u["name"], "numel": u["numel"], "reason": reason})
+    return {
+        "layer_kinds": kinds,
+        "coverage": {
+            "share": cov["share"],
+            "attributable_share": cov["attributable_share"],
+            "by_kind": cov["by_kind"],
+            "untracked": untracked[:20],
+        },
+    }
+
+
 def fit_workdir(
     model: str | Path,
     data: str | Path,
@@ -258,6 +287,7 @@ def fit_workdir(
         "dtype": dtype,
         "model_dtype": model_dtype,
         "fit_seconds": round(seconds, 2),
+        **_tracked(net, an.layers),
     }
     if reuse and prev is not None:
         # Nothing was fitted: cli.json keeps saying how the factors were made (batch size,

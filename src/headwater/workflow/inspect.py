@@ -98,10 +98,13 @@ def inspect_workdir(workdir: str | Path) -> dict:
     for name in _order(config):
         kind, out_f, in_f = modules[name]
         layer: dict[str, Any] = {"name": name, "kind": kind, "shape": [out_f, in_f], "params": out_f * in_f}
+        layer["role"] = ((settings.get("layer_kinds") or {}).get(name) or {}).get("kind")  # attention, mlp, expert...
         lam = factors.get(f"{name}::lam", factors.get(f"{name}::diag"))
         if lam is not None:
             layer["eigenvalues"] = _spectrum(lam)
         info["layers"].append(layer)
+    if settings.get("coverage"):
+        info["coverage"] = settings["coverage"]
     for run_dir in run_dirs(workdir):
         info["runs"].append(_run_summary(run_dir))
     for p in sorted(workdir.iterdir()):
@@ -176,19 +179,34 @@ def format_inspect(info: dict) -> str:
         f"fingerprint {d.get('fingerprint')})"
     )
     lines.append(f"fitted    {('at ' + str(info.get('fitted_at'))) if info['fitted'] else 'no (run headwater fit)'}")
-    lines.append(f"layers    {len(info['layers'])} (model order)")
+    roles: dict[str, int] = {}
+    for layer in info["layers"]:
+        roles[layer.get("role") or "?"] = roles.get(layer.get("role") or "?", 0) + 1
+    by = ", ".join(f"{n} {r}" for r, n in roles.items()) if set(roles) != {"?"} else "kinds not recorded"
+    lines.append(f"layers    {len(info['layers'])} in model order ({by})")
+    cov = info.get("coverage")
+    if cov:
+        lines.append(
+            f"coverage  {cov['share']:.1%} of all parameters, {cov['attributable_share']:.1%} of the weight matrices "
+            "attribution should cover (embeddings and vectors excluded)"
+        )
+        for u in cov.get("untracked") or []:
+            lines.append(f"  not tracked: {u['name']} ({u['numel']:,} entries): {u['reason']}")
     cols = ("min", "median", "mean", "max", "damping")
     lines.append(
-        f"  {'layer':<34} {'O x I':>11} " + " ".join(f"{c:>9}" for c in cols) + f" {'<damp':>6} {'eff.rank':>8}"
+        f"  {'layer':<34} {'kind':<13} {'O x I':>11} "
+        + " ".join(f"{c:>9}" for c in cols)
+        + f" {'<damp':>6} {'eff.rank':>8}"
     )
     for layer in info["layers"]:
         shape = f"{layer['shape'][0]}x{layer['shape'][1]}"
         ev = layer.get("eigenvalues")
+        role = layer.get("role") or ""
         if ev is None:
-            lines.append(f"  {layer['name']:<34} {shape:>11}   (not fitted)")
+            lines.append(f"  {layer['name']:<34} {role:<13} {shape:>11}   (not fitted)")
             continue
         lines.append(
-            f"  {layer['name']:<34} {shape:>11} {ev['min']:>9.2e} {ev['median']:>9.2e} {ev['mean']:>9.2e} "
+            f"  {layer['name']:<34} {role:<13} {shape:>11} {ev['min']:>9.2e} {ev['median']:>9.2e} {ev['mean']:>9.2e} "
             f"{ev['max']:>9.2e} {ev['damping']:>9.2e} {ev['below_damping']:>6.0%} {ev['effective_rank']:>8.1f}"
         )
     for run in info["runs"]:
