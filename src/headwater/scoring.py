@@ -25,7 +25,7 @@ from .curvature import EigenCurvature, LayerCurvature, lapack_threads, rotated_g
 from .curvature.operators import INVERSE, Inverse
 from .distributed import all_reduce_, all_reduce_max
 from .engine import Consumer, LayerCapture, per_example_grads
-from .errors import NonFiniteError, check_finite
+from .errors import NonFiniteError
 from .validation import check_int
 
 __all__ = [
@@ -211,12 +211,50 @@ class QueryGradientConsumer(Consumer):
         return {n: QueryGradients.concat(ps) for n, ps in self.parts.items()}
 
 
+class _ModelOrder:
+    """One batch's per-layer results, handed back in model order whatever order they came in.
+
+    The capture streams layers in backward order (``Capture.stream``), so a sum over layers taken
+    as they come would round differently from one in model order, and depend on how autograd
+    scheduled the backward. Results are kept per layer (a layer's [Q, n] scores are small next to
+    its capture) and folded at the end of the batch: the same numbers, bit for bit, as summing in
+    model order, on every device. With several pseudo-losses per batch the order is by loss, then
+    by layer (a layer seen again starts the next loss).
+    """
+
+    def __init__(self, names: list[str]):
+        self.order = {n: i for i, n in enumerate(names)}
+        self.items: list[tuple[int, int, str, tuple]] = []
+        self._seen: set[str] = set()
+        self._loss = 0
+
+    def add(self, name: str, *values: object) -> None:
+        if name in self._seen:
+            self._loss, self._seen = self._loss + 1, set()
+        self._seen.add(name)
+        self.items.append((self._loss, self.order[name], name, values))
+
+    def drain(self) -> list[tuple[str, tuple]]:
+        """This batch's results in (loss, layer) order; starts the next batch."""
+        out = [(name, values) for _, _, name, values in sorted(self.items, key=lambda t: t[:2])]
+        self.items, self._seen, self._loss = [], set(), 0
+        return out
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Several same-dtype device tensors to the CPU in one transfer (one device sync), shapes kept."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).cpu()
+    return [part.reshape(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 class ScoreAccumulator(Consumer):
     """Consumer of the training stream: scores per batch, assembled into [Q, N] at the end.
 
     Results are kept per batch (keyed by the batch's first example index) so that completed
     batches can be written out as checkpoint blocks and read back on resume, and so that each
-    rank of a distributed run holds only its own columns until ``result`` assembles them.
+    rank of a distributed run holds only its own columns until ``result`` assembles them. Within
+    a batch, layers are scored as the capture streams them and summed in model order in
+    ``finish_batch``, which moves everything, the finiteness flags included, in one transfer.
     """
 
     appends = True  # a checkpoint holds the batches finished since the last one
@@ -229,7 +267,7 @@ class ScoreAccumulator(Consumer):
         self.per_layer = per_layer
         self.per_token = per_token
         self.batches: dict[int, dict[str, torch.Tensor]] = {}  # start -> {"values", "layer::<name>", "tokens"}
-        self._finite: list[tuple[str, torch.Tensor]] = []  # (layer, all-finite flag) of the current batch
+        self._layers = _ModelOrder(list(queries))  # (finite flag, scores, tokens) per layer of the current batch
         self._new: list[int] = []  # batches finished since the last checkpoint
 
     def _add(self, start: int, key: str, value: torch.Tensor) -> None:
@@ -237,37 +275,37 @@ class ScoreAccumulator(Consumer):
         entry[key] = value if key not in entry else entry[key] + value
 
     def update(self, c: LayerCapture, start: int, first: bool = True) -> None:
-        """Add one layer's scores for the batch at ``start``; they stay on the model's device."""
+        """Score one layer for the batch at ``start``; the scores stay on the model's device until
+        ``finish_batch`` (no sync here)."""
         sc, tok = self.queries[c.name].scores(c, self.per_token)
-        self._finite.append((c.name, torch.isfinite(sc).all()))  # checked in finish_batch, no sync here
-        sc = sc.to(self.dtype)
-        self._add(start, "values", sc)
-        if self.per_layer:
-            self._add(start, f"layer::{c.name}", sc)
         if tok is not None:
             # a module called k times per forward: fold its k*S tokens back onto the sequence
-            self._add(start, "tokens", c.fold_tokens(tok).to(self.dtype))
+            tok = c.fold_tokens(tok).to(self.dtype)
+        self._layers.add(c.name, torch.isfinite(sc).all(), sc.to(self.dtype), tok)
 
     def finish_batch(self, start: int) -> None:
-        """Move the batch's sums to the CPU in one transfer (one device sync per batch, not per layer)."""
+        """Sum the batch's layers in model order and move the sums to the CPU in one transfer."""
+        layers = self._layers.drain()
+        for name, (_, sc, tok) in layers:
+            self._add(start, "values", sc)
+            if self.per_layer:
+                self._add(start, f"layer::{name}", sc)
+            if tok is not None:
+                self._add(start, "tokens", tok)
         entry = self.batches.get(start)
         if not entry:
             return
-        if self._finite:
-            ok = torch.stack([f for _, f in self._finite]).cpu()
-            names = [n for n, _ in self._finite]
-            self._finite.clear()
-            for name, good in zip(names, ok.tolist()):
+        keys = list(entry)
+        flags = torch.stack([ok for _, (ok, _, _) in layers]).to(self.dtype) if layers else None
+        moved = _to_host([entry[k] for k in keys] + ([flags] if flags is not None else []))
+        if flags is not None:
+            for (name, _), good in zip(layers, moved.pop().tolist()):
                 if not good:
                     raise NonFiniteError(
                         f"scores of layer {name!r} have non-finite values; the model may overflow in this "
                         "dtype (try float32), or its weights or inputs contain NaN/inf"
                     )
-        keys = [k for k in entry if k != "tokens"]
-        moved = torch.stack([entry[k] for k in keys]).cpu()
-        entry.update(zip(keys, moved.unbind(0)))
-        if "tokens" in entry:
-            entry["tokens"] = entry["tokens"].cpu()
+        entry.update(zip(keys, moved))
         self._new.append(start)
 
     def checkpoint(self) -> dict[str, torch.Tensor]:
@@ -312,12 +350,17 @@ class ScoreAccumulator(Consumer):
 
 
 class SelfInfluenceAccumulator(Consumer):
-    """Consumer of the training stream: grad L_m^T (G + lambda I)^-1 grad L_m for every m."""
+    """Consumer of the training stream: grad L_m^T (G + lambda I)^-1 grad L_m for every m.
+
+    Per batch, each layer's values stay on the device; ``finish_batch`` sums them in model order
+    and moves the sum and the layers' non-finite counts to the CPU in one transfer.
+    """
 
     def __init__(self, curvature: dict[str, LayerCurvature], damping: dict[str, float], n_train: int):
         self.curvature = curvature
         self.damping = damping
         self.values = torch.zeros(n_train, dtype=torch.float64)
+        self._layers = _ModelOrder(list(curvature))
 
     def update(self, c: LayerCapture, start: int, first: bool = True) -> None:
         op, lam = self.curvature[c.name], self.damping[c.name]
@@ -327,8 +370,24 @@ class SelfInfluenceAccumulator(Consumer):
         else:
             dw = per_example_grads(c.a, c.g)
             val = (dw * op.solve(dw, lam)).sum((1, 2))
-        check_finite(val, c.name, "self-influence")
-        self.values[start : start + val.shape[0]] += val.double().cpu()
+        self._layers.add(c.name, (~torch.isfinite(val)).sum(), val.double())
+
+    def finish_batch(self, start: int) -> None:
+        layers = self._layers.drain()
+        if not layers:
+            return
+        total = layers[0][1][1]
+        for _, (_, val) in layers[1:]:
+            total = total + val
+        bad = torch.stack([n for _, (n, _) in layers]).double()
+        total, bad = _to_host([total, bad])
+        for (name, _), count in zip(layers, bad.tolist()):
+            if count:
+                raise NonFiniteError(
+                    f"self-influence of layer {name!r} has {int(count)} non-finite value(s); the model may overflow "
+                    "in this dtype (try float32), or its weights or inputs contain NaN/inf"
+                )
+        self.values[start : start + total.shape[0]] += total
 
     def result(self) -> torch.Tensor:
         return all_reduce_({"values": self.values})["values"]

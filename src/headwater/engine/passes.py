@@ -8,7 +8,9 @@ gradients, scores, self-influence, index records, projected curvature)::
 For each batch (in dataset order, batch b on rank ``b % world``): collate, move to the model's
 device, seed torch's RNG from ``(seed, phase, first example)`` so that pseudo-labels do not
 depend on the rank or on resumption, run the task's pseudo-losses (one forward, k backward
-passes), and hand each tracked layer's ``LayerCapture`` to ``consumer.update``. Distributed
+passes), and hand each tracked layer's ``LayerCapture`` to ``consumer.update`` from inside the
+backward, as soon as that layer's gradient exists (``Capture.stream``: one layer's capture alive at
+a time, in backward order; ``finish_batch`` follows once all are in). Distributed
 sharding, FSDP filler batches and checkpoints live here, once.
 
 Checkpoints: with a ``Checkpoint``, every ``every`` finished batches the loop saves what the
@@ -39,7 +41,7 @@ from ..data import iter_batches
 from ..distributed import all_reduce_max, barrier, is_main, rank_world
 from ..errors import ExampleError
 from ..storage import load_tensors, save_tensors
-from ..task import Task
+from ..task import Task, TokenMasks
 from .capture import Capture, LayerCapture
 
 __all__ = ["Consumer", "Checkpoint", "run_pass", "derive_seed", "model_device", "is_sharded", "spec_key", "eval_mode"]
@@ -173,7 +175,23 @@ def _progress(iterable: Any, enabled: bool, desc: str, total: int) -> Any:
     return tqdm(iterable, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True)
 
 
-def _check_scored(mask: torch.Tensor | None, start: int, name: str) -> None:
+def _host_mask(task: Task, host: Any, batch: Any, mask: Any) -> Any:
+    """The batch's token mask where reading it costs no device sync: from the collated batch before
+    it moved (the same mask, computed on the host), or the device mask when that is the host."""
+    if batch is host or not isinstance(mask, (torch.Tensor, TokenMasks)) or _on_cpu(mask):
+        return mask
+    try:
+        return task.token_mask(host)
+    except Exception:  # a task whose mask needs the moved batch: read the device mask (one sync)
+        return mask
+
+
+def _on_cpu(mask: torch.Tensor | TokenMasks) -> bool:
+    return all(m.device.type == "cpu" for m in (mask.axes if isinstance(mask, TokenMasks) else (mask,)))
+
+
+def _check_scored(mask: torch.Tensor | TokenMasks | None, start: int, name: str) -> None:
+    """Refuse a sequence without scored tokens (read on the host: no device sync in the loop)."""
     if mask is None:
         return
     empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
@@ -183,6 +201,16 @@ def _check_scored(mask: torch.Tensor | None, start: int, name: str) -> None:
             " has no scored tokens (every label is -100 or it is a single token); remove it or unmask its completion",
             f"{name} ",
         )
+
+
+def _consumer_call(consumer: Consumer, device: torch.device, start: int, first: bool) -> Callable[[LayerCapture], None]:
+    """``consumer.update`` for one pseudo-loss of the batch at ``start``, in full precision (no autocast)."""
+
+    def consume(c: LayerCapture) -> None:
+        with torch.autocast(device.type, enabled=False):
+            consumer.update(c, start, first)
+
+    return consume
 
 
 def run_pass(
@@ -221,11 +249,11 @@ def run_pass(
     covered, pending = sorted(b for b in done if b % world == rank), []
     batches = _progress(iter_batches(data, task, batch_size, name, plan), progress, phase, len(plan))
     with eval_mode(model), _no_sync(model), Capture(model, layers) as cap:
-        for step, (lo, batch) in enumerate(batches):
+        for step, (lo, host) in enumerate(batches):
             filler = step >= len(mine)
-            batch = task.to_device(batch, device)
+            batch = task.to_device(host, device)
             mask = task.token_mask(batch)
-            _check_scored(mask, lo, name)
+            _check_scored(_host_mask(task, host, batch, mask), lo, name)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(derive_seed(seed, phase, lo))
                 try:
@@ -234,10 +262,9 @@ def run_pass(
                     cap.clear()
                     raise
             for k, loss in enumerate(ls):
-                for c in cap.backward(loss, mask, retain_graph=k < len(ls) - 1):
-                    if not filler:
-                        with torch.autocast(device.type, enabled=False):
-                            consumer.update(c, lo, k == 0)
+                # each layer is consumed inside the backward, as soon as its gradient exists
+                consume = None if filler else _consumer_call(consumer, device, lo, k == 0)
+                cap.stream(loss, mask, consume, retain_graph=k < len(ls) - 1)
             if filler:
                 continue
             consumer.finish_batch(lo)
