@@ -36,20 +36,39 @@ import headwater as hw
 
 
 def build(args):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=max(args.tokens, 128),
-        n_embd=args.d,
-        n_layer=args.layers,
-        n_head=max(1, args.d // 64),
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    if args.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        heads = max(1, args.d // 64)
+        cfg = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.d,
+            intermediate_size=args.ffn or int(2.75 * args.d) // 64 * 64,  # TinyLlama: 5632 at d=2048
+            num_hidden_layers=args.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 8),
+            max_position_embeddings=max(args.tokens, 128),
+            tie_word_embeddings=False,
+        )
+        with torch.device(args.device):  # a 1B model's init is slow on the CPU
+            model = LlamaForCausalLM(cfg)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=max(args.tokens, 128),
+            n_embd=args.d,
+            n_layer=args.layers,
+            n_head=max(1, args.d // 64),
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        with torch.device(args.device):
+            model = GPT2LMHeadModel(cfg)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = GPT2LMHeadModel(cfg).to(args.device, dtype).eval()
+    model = model.to(args.device, dtype).eval()
     g = torch.Generator().manual_seed(1)
     train = [{"input_ids": torch.randint(0, args.vocab, (args.tokens,), generator=g)} for _ in range(args.train)]
     queries = []
@@ -197,6 +216,8 @@ def run_kronfluence(model, train, queries, args) -> dict | None:
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The model/data configuration, shared with the other benchmarks (engine issue's CPU config)."""
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    p.add_argument("--ffn", type=int, default=0, help="Llama intermediate size (0: 2.75 d, as TinyLlama)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--tokens", type=int, default=128)

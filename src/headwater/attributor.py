@@ -341,6 +341,8 @@ class Attributor:
         if cached is not None and (hit := cached.load()) is not None:
             return hit
         q = self.query_gradients(queries, batch_size, damping, query_rank, refine_steps, train, refine_blocks, response)
+        for op in self.curvature.values():
+            getattr(op, "release_casts", lambda: None)()
         acc = ScoreAccumulator(q, len(train), per_layer, per_token)
         self.run(train, acc, self.training_loss, "scoring", batch_size, checkpoint=cached and cached.checkpoint)
         result = acc.result(meta)

@@ -88,14 +88,23 @@ class CovarianceAccumulator(Accumulator):
 
     def update(self, c: LayerCapture, start: int = 0, first: bool = True) -> None:
         a, g = c.a, c.g
-        if c.mask is not None:
-            a, g = a[c.mask], g[c.mask]  # [M, I], [M, O]
+        tokens: torch.Tensor | int
+        if c.mask is not None and a.device.type != "cpu":
+            # On a GPU, weight by the mask instead of indexing with it: a boolean index needs the
+            # count of selected rows on the host (a sync per layer); masked rows add zero.
+            m = c.mask.reshape(-1, 1).to(a.dtype)
+            a, g = a.reshape(-1, a.shape[-1]) * m, g.reshape(-1, g.shape[-1]) * m
+            tokens = c.mask.sum()
+        elif c.mask is not None:
+            a, g = a[c.mask], g[c.mask]  # [M, I], [M, O]; on the CPU the same sums bit for bit as before
+            tokens = a.shape[0]
         else:
             a, g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            tokens = a.shape[0]
         if first:
             self._add(c.name, "A", a.mT @ a)
             counts = self.get(c.name, "counts")
-            counts[0] += a.shape[0]  # scored tokens
+            counts[0] += tokens  # scored tokens
             counts[1] += c.a.shape[0]  # sequences
         self._add(c.name, "S", g.mT @ g)
 

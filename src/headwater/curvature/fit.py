@@ -46,6 +46,7 @@ def fit_curvature(
         if an.workdir is not None:  # a crash from here on resumes after the covariance pass
             an.workdir.save_covariance(cov.state(), spec)
     curvature = cov.kfac(an.progress)
+    del cov, saved  # the raw sums are not needed past their eigendecompositions (hundreds of MB for GPT-2)
     if strategy.eigenvalue_correction:
         lam = LambdaAccumulator(curvature, an.device)
         _fit_pass(an, lam, data, batch_size, "eigenvalue correction", spec, overwrite)

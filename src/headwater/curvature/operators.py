@@ -150,6 +150,11 @@ class EigenCurvature(LayerCurvature):
             self._cast[key] = tuple(t.to(like.device, like.dtype) for t in (self.q_a, self.q_s, self.lam))
         return self._cast[key]
 
+    def release_casts(self) -> None:
+        """Forget the converted copies ``cast`` keeps (once the queries are preconditioned, the
+        scoring pass never needs them, and for GPT-2 they hold as much as the factors)."""
+        self._cast.clear()
+
     def rotate(self, v: torch.Tensor) -> torch.Tensor:
         """Q_S^T v Q_A: coordinates of v in the eigenbasis."""
         q_a, q_s, _ = self.cast(v)
