@@ -91,20 +91,31 @@ def _shown_token_scores(
     """
     if per_token:
         return [{i: sc.per_token[q, i, : len(tokens_of[i])].tolist() for i in idxs} for q, idxs in enumerate(shown)]
-    out: list[dict] = []
-    it: Any = range(len(queries))
+    # Queries in groups whose shown sequences are scored together: each group's query gradients
+    # (the costly part for a large model: the preconditioning) are computed once, and a group's
+    # [Q, U, T] per-token block stays under about 256 MiB.
+    longest = max((len(t) for t in tokens_of.values()), default=1)
+    groups, current, union = [], [], set()
+    for q in range(len(queries)):
+        grown = union | set(shown[q])
+        if current and 4 * (len(current) + 1) * len(grown) * longest > 2**28:
+            groups.append((current, sorted(union)))
+            current, grown = [], set(shown[q])
+        current, union = current + [q], grown
+    groups.append((current, sorted(union)))
+    out: list[dict] = [{} for _ in queries]
+    it: Any = groups
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="per-token scores", unit="query", leave=False, dynamic_ncols=True)
+        it = tqdm(it, desc="per-token scores", unit="group", leave=False, dynamic_ncols=True)
     # the main pass has already warned about every truncated example, by its line; here the
     # rows are renumbered, so the engine's repeats would name the wrong examples
     with located_warnings({"training data": None, "queries": None}):
-        for q in it:
-            rows = [docs[i] for i in shown[q]]
+        for qs, cols in it:
             st = an.scores(
-                [queries[q]],
-                rows,
+                [queries[q] for q in qs],
+                [docs[i] for i in cols],
                 batch_size=bs,
                 damping=damping,
                 query_rank=rank,
@@ -112,7 +123,9 @@ def _shown_token_scores(
                 cache=False,
                 response=response,
             )
-            out.append({i: st.per_token[0, j, : len(tokens_of[i])].tolist() for j, i in enumerate(shown[q])})
+            where = {i: j for j, i in enumerate(cols)}
+            for row, q in enumerate(qs):
+                out[q] = {i: st.per_token[row, where[i], : len(tokens_of[i])].tolist() for i in shown[q]}
     return out
 
 
