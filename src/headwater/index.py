@@ -696,6 +696,79 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _build_records(
+    an: Any,
+    train: Any,
+    path: Path,
+    manifest: dict,
+    projector: Projected,
+    layout: list[IndexLayer],
+    shard_size: int,
+    batch_size: int,
+    dtype: str,
+) -> None:
+    """The record shards: shard j on rank j % world; each written atomically, progress in the manifest."""
+    rank, world = rank_world()
+    n = len(train)
+    n_shards = (n + shard_size - 1) // shard_size
+    mine = {j for j in range(n_shards) if j % world == rank}
+    done = _done_shards(path, manifest, mine)
+    for j in sorted(mine - set(done)):
+        start, stop = j * shard_size, min(n, (j + 1) * shard_size)
+        buf = _record_pass(an, _Slice(train, start, stop), batch_size, projector, layout)
+        file = path / f"shard-{j:05d}.bin"
+        entry = _write_shard(file, _encode(buf, dtype, file.name), start, stop)
+        done[j] = entry
+        if world == 1:  # the manifest is the progress record
+            manifest["shards"] = sorted(done.values(), key=lambda e: e["start"])
+            save_json(path / MANIFEST, manifest)
+        else:  # ranks must not race on one file: a sidecar per shard, merged by rank 0
+            save_json(path / f"shard-{j:05d}.entry.json", entry)
+    barrier()
+    if rank == 0 and world > 1:
+        entries = {e["start"]: e for e in manifest["shards"]}
+        sidecars = sorted(path.glob("shard-*.entry.json"))
+        for side in sidecars:
+            e = _entry(load_json(side))
+            entries[e["start"]] = e
+        manifest["shards"] = sorted(entries.values(), key=lambda e: e["start"])
+        save_json(path / MANIFEST, manifest)
+        for side in sidecars:
+            side.unlink()
+    barrier()
+
+
+def _build_curvature(
+    an: Any, cdata: Any, path: Path, projections: dict, layout: list[IndexLayer], curvature: str, batch_size: int
+) -> None:
+    """The projected curvature (unless an intact one is on disk), then the manifest marked complete."""
+    rank, _ = rank_world()
+    manifest = load_json(path / MANIFEST)
+    entry = manifest.get("curvature")
+    if entry is not None and entry.get("file"):
+        try:
+            _check_file(path / entry["file"], entry, checksum=True)
+        except CorruptIndexError:
+            entry = None
+    if entry is None:
+        curv = _fit_projected_curvature(an, cdata, batch_size, projections, layout, curvature)
+        if rank == 0:
+            entry = {"kind": curvature}
+            tensors = {f"{ly.name}::{k}": v for ly in layout for k, v in curv[ly.name].tensors().items()}
+            if tensors:
+                save_tensors(path / CURVATURE_FILE, tensors, {"kind": curvature})
+                entry.update(
+                    file=CURVATURE_FILE,
+                    bytes=(path / CURVATURE_FILE).stat().st_size,
+                    sha256=_sha256_file(path / CURVATURE_FILE),
+                )
+            manifest["curvature"] = entry
+    if rank == 0:
+        manifest["complete"] = True
+        save_json(path / MANIFEST, manifest)
+    barrier()
+
+
 def build_index(
     attributor: Any,
     train: Any,
@@ -800,58 +873,8 @@ def build_index(
     projections = {ly.name: (tensors[f"{ly.name}::out"], tensors[f"{ly.name}::in"]) for ly in layout}
     projector = Projected(None, projections)
 
-    # ---- records: shard j on rank j % world ------------------------------------------------
-    mine = {j for j in range(n_shards) if j % world == rank}
-    done = _done_shards(path, manifest, mine)
-    for j in sorted(mine - set(done)):
-        start, stop = j * shard_size, min(n, (j + 1) * shard_size)
-        buf = _record_pass(an, _Slice(train, start, stop), batch_size, projector, layout)
-        file = path / f"shard-{j:05d}.bin"
-        entry = _write_shard(file, _encode(buf, dtype, file.name), start, stop)
-        done[j] = entry
-        if world == 1:  # the manifest is the progress record
-            manifest["shards"] = sorted(done.values(), key=lambda e: e["start"])
-            save_json(path / MANIFEST, manifest)
-        else:  # ranks must not race on one file: a sidecar per shard, merged by rank 0
-            save_json(path / f"shard-{j:05d}.entry.json", entry)
-    barrier()
-    if rank == 0 and world > 1:
-        entries = {e["start"]: e for e in manifest["shards"]}
-        sidecars = sorted(path.glob("shard-*.entry.json"))
-        for side in sidecars:
-            e = _entry(load_json(side))
-            entries[e["start"]] = e
-        manifest["shards"] = sorted(entries.values(), key=lambda e: e["start"])
-        save_json(path / MANIFEST, manifest)
-        for side in sidecars:
-            side.unlink()
-    barrier()
-
-    # ---- projected curvature ------------------------------------------------------------------
-    manifest = load_json(path / MANIFEST)
-    entry = manifest.get("curvature")
-    if entry is not None and entry.get("file"):
-        try:
-            _check_file(path / entry["file"], entry, checksum=True)
-        except CorruptIndexError:
-            entry = None
-    if entry is None:
-        curv = _fit_projected_curvature(an, cdata, batch_size, projections, layout, curvature)
-        if rank == 0:
-            entry = {"kind": curvature}
-            tensors = {f"{ly.name}::{k}": v for ly in layout for k, v in curv[ly.name].tensors().items()}
-            if tensors:
-                save_tensors(path / CURVATURE_FILE, tensors, {"kind": curvature})
-                entry.update(
-                    file=CURVATURE_FILE,
-                    bytes=(path / CURVATURE_FILE).stat().st_size,
-                    sha256=_sha256_file(path / CURVATURE_FILE),
-                )
-            manifest["curvature"] = entry
-    if rank == 0:
-        manifest["complete"] = True
-        save_json(path / MANIFEST, manifest)
-    barrier()
+    _build_records(an, train, path, manifest, projector, layout, shard_size, batch_size, dtype)
+    _build_curvature(an, cdata, path, projections, layout, curvature, batch_size)
     return GradientIndex.open(path)
 
 
