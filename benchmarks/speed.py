@@ -14,6 +14,11 @@ pass over the training data. kronfluence's EK-FAC is timed on the same model and
 it is installed (``bash scripts/install_peers.sh``), with the same modules, batch size and
 query rank.
 
+``--compile`` adds the same three rows for ``torch.compile(model)`` (the plain pass compiled too,
+after a warm-up that compiles every graph), as ratios to the eager plain pass. headwater's
+capture hooks run between compiled regions (one graph break per tracked layer: a hook needs
+the real output tensor to register its gradient hook), so the model compiles in pieces.
+
 headwater runs with torch's ``opt_einsum`` path search switched off (``--opt-einsum off``, the
 default), as on the default install, where the package is absent; kronfluence needs it and
 gets it back for its own run.
@@ -235,6 +240,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=2, help="plain passes; the fastest is the baseline")
     p.add_argument("--no-kronfluence", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(model), plain and headwater")
     p.add_argument(
         "--opt-einsum", default="off", choices=["off", "on"], help="torch's einsum path search for headwater"
     )
@@ -267,6 +273,19 @@ def main(argv=None) -> None:
     row("headwater", "fit (EK-FAC)", hw_res["fit"], hw_res["fit_mem"])
     row("headwater", f"score (rank {args.rank})", hw_res["score"], hw_res["score_mem"])
     row("headwater", "score (full rank)", hw_res["score_full"], float("nan"))
+    if args.compile:
+        compiled = torch.compile(model)
+        warm = train[: 2 * args.batch_size]
+        plain_forward_backward(compiled, warm, args.batch_size, args.device)  # compiles
+        t_c = timed(lambda: plain_forward_backward(compiled, train, args.batch_size, args.device), args.device)[0]
+        row("plain (torch.compile)", "forward+backward", t_c, peak_mb(args.device))
+        run_headwater(compiled, warm, queries[: args.batch_size], args)  # compiles the graphs between the hooks
+        c_res = run_headwater(compiled, train, queries, args)
+        row("headwater (torch.compile)", "fit (EK-FAC)", c_res["fit"], c_res["fit_mem"])
+        row("headwater (torch.compile)", f"score (rank {args.rank})", c_res["score"], c_res["score_mem"])
+        row("headwater (torch.compile)", "score (full rank)", c_res["score_full"], float("nan"))
+        a, b = hw_res["values"].float().flatten(), c_res["values"].float().flatten()
+        print(f"\ncompiled vs eager scores: max relative difference {float((a - b).abs().max() / a.abs().max()):.1e}")
     kf = None if args.no_kronfluence else run_kronfluence(model, train, queries, args)
     if kf is not None:
         row("kronfluence 1.0.1", "fit (EK-FAC)", kf["fit"], kf["fit_mem"])

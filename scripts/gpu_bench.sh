@@ -14,6 +14,7 @@
 #      when it is importable (bash scripts/install_peers.sh; the GPU machine may have no network)
 #   4. memory.py, a random ~1.1B Llama (TinyLlama's shape: 22 layers, d=2048, FFN 5632): the passes, MLP
 #   5. speed.py on the same Llama, when speed.py has --arch (skipped with a note otherwise)
+#   6. speed.py --compile, GPT-2 small: the same rows for torch.compile(model) beside eager
 # Without a CUDA device (or with --tiny) every step runs a tiny config, on the CPU without one: that
 # is how this script is tested on a machine without a GPU. Needs the repo's .venv (CUDA torch on a GPU).
 set -uo pipefail
@@ -139,6 +140,9 @@ if "$PY" benchmarks/speed.py --help 2>/dev/null | grep -q -- "--arch"; then
 else
   echo "| speed_llama | skipped: benchmarks/speed.py has no --arch option yet | - |" >>"$OUT/steps.md"
 fi
+
+# shellcheck disable=SC2086
+step speed_gpt2_compile 150 "$PY" benchmarks/speed.py $GPT2 $SPEED_GPT2 $COMMON --compile --no-kronfluence
 
 {
   echo "## steps"

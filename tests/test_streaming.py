@@ -308,8 +308,9 @@ def _consumers(an: hw.Attributor, train: list) -> dict[str, tuple[object, Callab
 
 
 _KNOWN = {
-    "covariance": "CovarianceAccumulator.update selects the scored tokens with a boolean mask (a device sync per "
-    "layer); accumulators.py can weight by the mask instead"
+    "covariance": "on the CPU, CovarianceAccumulator.update selects the scored tokens with a boolean mask (a "
+    "read-back per layer, free on the host and bit-identical to earlier fits); on a GPU it weights by the mask "
+    "instead, which the CUDA test below checks"
 }
 
 
@@ -352,7 +353,7 @@ class _CudaSyncs:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("phase", ["scores", "self-influence", "eigenvalue correction"])
+@pytest.mark.parametrize("phase", ["scores", "self-influence", "eigenvalue correction", "covariance"])
 def test_the_cuda_hot_path_syncs_at_most_once_per_batch(monkeypatch: pytest.MonkeyPatch, phase: str):
     """``torch.cuda.set_sync_debug_mode`` inside the loop (forward, streamed backward, finish_batch)."""
     model, train = tiny_gpt2().cuda(), lm_data(7)

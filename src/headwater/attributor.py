@@ -41,7 +41,10 @@ from .distributed import barrier, is_main
 from .engine import Consumer, model_device, run_pass, spec_key
 from .errors import NotFittedError
 from .fisher import DEFAULT_TOP, FISHERS, pseudo_losses, resolve_fisher
+from .index import DEFAULT_DIM, build_index, query_index
 from .layers import select_layers
+from .plan import plan_run
+from .ranking import RankingAccumulator
 from .refine import check_refine, refined_query_gradients
 from .scoring import QueryGradientConsumer, QueryGradients, ScoreAccumulator, Scores, SelfInfluenceAccumulator
 from .storage import SCHEMA_VERSION, load_tensors, model_fingerprint, save_tensors
@@ -148,7 +151,9 @@ class Attributor:
         self.workdir = Workdir(workdir) if workdir is not None else None
         if self.workdir is not None:
             self.workdir.open(self.config)
-            self._load_factors()
+            saved = _saved_curvature(self.workdir, self.strategy, self.shapes)
+            if saved is not None:
+                self.curvature, self.factors_checksum, self.fit_fingerprint, self.fitted_at = saved
 
     # the settings, by name (read-only)
     strategy = property(lambda self: self.settings.strategy)
@@ -158,16 +163,6 @@ class Attributor:
     seed = property(lambda self: self.settings.seed)
     progress = property(lambda self: self.settings.progress)
     device = property(lambda self: model_device(self.model))
-
-    def _load_factors(self) -> None:
-        saved = self.workdir.load_factors()
-        if saved is not None:
-            tensors, meta, self.factors_checksum = saved
-            self.curvature = curvature_from_tensors(
-                get_strategy(self.strategy), self.shapes, tensors, str(self.workdir.factors_path)
-            )
-            self.fit_fingerprint = meta.get("fit_data")
-            self.fitted_at = meta.get("created")
 
     # ------------------------------------------------------------------ the passes
     def fit_losses(self, batch: Any) -> list[torch.Tensor]:
@@ -223,12 +218,8 @@ class Attributor:
         self.curvature, self.fit_fingerprint, self.fitted_at = curvature, fp, _now()
         if self.workdir is not None:
             tensors = {f"{n}::{k}": v for n, op in curvature.items() for k, v in op.tensors().items()}
-            self.workdir.replace_config(self.config)
-            meta = {"fit_data": fp, "created": _now(), "batch_size": batch_size, **self.config}
-            self.factors_checksum = self.workdir.save_factors(tensors, meta)
-            if not keep_covariance:
-                self.workdir.drop_covariance()
-            self.workdir.tidy()
+            meta = {"fit_data": fp, "created": self.fitted_at, "batch_size": batch_size, **self.config}
+            self.factors_checksum = self.workdir.record_fit(self.config, tensors, meta, keep_covariance)
         return self
 
     # ------------------------------------------------------------------ scores
@@ -327,15 +318,9 @@ class Attributor:
 
             return scores_with_candidates(self, queries, train, candidates, **options)
         train, batch_size = check_data(train, "training data"), check_int(batch_size, "batch_size")
-        lam = self.damping(damping)
-        meta: dict[str, Any] = {
-            "strategy": self.strategy,
-            "damping": lam,
-            "query_rank": query_rank,
-            "cached": False,
-            "refine": [refine_steps, refine_blocks] if refine_steps else None,
-            "response": response.spec() if response is not None else None,
-        }
+        meta: dict[str, Any] = dict(strategy=self.strategy, damping=self.damping(damping), query_rank=query_rank)
+        refine = [refine_steps, refine_blocks] if refine_steps else None
+        meta.update(cached=False, refine=refine, response=response.spec() if response is not None else None)
         use_cache = self.workdir is not None and cache
         cached = _ScoreCache(self, meta, queries, train, per_layer, per_token, batch_size) if use_cache else None
         if cached is not None and (hit := cached.load()) is not None:
@@ -358,8 +343,6 @@ class Attributor:
         ``kw``: ``query_rank``, ``per_layer``, ``values_path`` (write the full [Q, N] scores to that
         memory-mapped file), ``response``.
         """
-        from .ranking import RankingAccumulator
-
         train, k = check_data(train, "training data"), check_int(k, "k")
         opts = {x: kw.pop(x) for x in ("per_layer", "values_path") if x in kw}
         q = self.query_gradients(queries, batch_size, damping, **kw)
@@ -377,21 +360,15 @@ class Attributor:
 
     def plan(self, data: Any, batch_size: int = 8, **kwargs: Any) -> Any:
         """Memory, disk and time each stage will need, from one probed batch (``headwater.plan.plan_run``)."""
-        from .plan import plan_run
-
         return plan_run(self, data, batch_size=batch_size, **kwargs)
 
     # ------------------------------------------------------------------ index
     def build_index(self, train: Any, dim: int | None = None, batch_size: int = 8, **kwargs: Any) -> Any:
         """Build a persistent projected-gradient index of ``train`` (see ``headwater.index.build_index``)."""
-        from .index import DEFAULT_DIM, build_index
-
         return build_index(self, train, dim=DEFAULT_DIM if dim is None else dim, batch_size=batch_size, **kwargs)
 
     def query_index(self, queries: Any, top_k: int | None = None, **kwargs: Any) -> Scores:
         """Score queries against a built index (see ``headwater.index.query_index``)."""
-        from .index import query_index
-
         return query_index(self, queries, top_k=top_k, **kwargs)
 
 
@@ -424,6 +401,16 @@ class _ScoreCache:
             save_tensors(self.final, result.tensors(), result.meta)
         if self.checkpoint is not None:
             self.checkpoint.clear()
+
+
+def _saved_curvature(workdir: Workdir, strategy: str, shapes: dict) -> tuple | None:
+    """(curvature, factors checksum, fit-data fingerprint, fitted at) from a workdir's factors, or None."""
+    saved = workdir.load_factors()
+    if saved is None:
+        return None
+    tensors, meta, checksum = saved
+    curvature = curvature_from_tensors(get_strategy(strategy), shapes, tensors, str(workdir.factors_path))
+    return curvature, checksum, meta.get("fit_data"), meta.get("created")
 
 
 def _now() -> str:

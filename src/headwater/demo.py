@@ -95,6 +95,8 @@ def run_demo(out_dir: str | Path = "headwater-demo", small: bool = False, quiet:
 
 
 def _run_demo(out: Path, cfg: DemoConfig, small: bool, quiet: bool, seed: int) -> dict:
+    """The demo, start to finish. Long because it is the tutorial a new user reads: corpus,
+    tokenizer, model, fit, score, check and report, in the order they run."""
     import torch
 
     from .storage import atomic_write_text, save_json

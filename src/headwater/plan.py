@@ -260,9 +260,7 @@ def plan_run(
         )
     if queries:
         layers = len(shapes) if per_layer else 0
-        rank = query_rank or 0
-        qgrads = 4 * queries * sum((rank * (o + i)) if rank and rank < min(o, i) else o * i for o, i in shapes)
-        out = 4 * queries * n * (1 + layers)
+        qgrads, out = score_sizes(shapes, queries, n, query_rank, per_layer)
         tokens = 4 * queries * n * _max_tokens(an, data) if per_token else 0
         per_batch = 4 * queries * (1 + layers) * 2  # the batch's scores, on the device and on the CPU
         stages.append(
@@ -288,6 +286,19 @@ def plan_run(
             )
         )
     return Plan(batch_size, baseline, stages, str(device))
+
+
+def score_sizes(
+    shapes: list[tuple[int, int]], queries: int, n: int, query_rank: int | None, per_layer: bool = True
+) -> tuple[int, int]:
+    """Bytes of the preconditioned query gradients and of the ``[Q, N]`` scores (total and per layer).
+
+    A rank-``r`` query gradient of an ``[out, in]`` layer is stored as two factors, ``r (out + in)``
+    float32 values, unless the full matrix is smaller; the scores are float32.
+    """
+    rank = query_rank or 0
+    qgrads = 4 * queries * sum((rank * (o + i)) if rank and rank < min(o, i) else o * i for o, i in shapes)
+    return qgrads, 4 * queries * n * (1 + (len(shapes) if per_layer else 0))
 
 
 def _max_tokens(an: Any, data: Any, sample: int = 64) -> int:

@@ -124,6 +124,16 @@ class Workdir:
         barrier()
         return checksum if checksum is not None else tensors_meta(self.factors_path)[1]
 
+    def record_fit(self, config: dict, tensors: dict, meta: dict, keep_covariance: bool = False) -> str | None:
+        """After a fit: the settings, the factors (dropping derived results), then the covariance
+        sums (unless kept) and leftovers removed; returns the factors' checksum."""
+        self.replace_config(config)
+        checksum = self.save_factors(tensors, meta)
+        if not keep_covariance:
+            self.drop_covariance()
+        self.tidy()
+        return checksum
+
     def load_covariance(self, spec: dict) -> dict | None:
         """Saved covariance sums for exactly this covariance pass (``spec``), or None."""
         if not self.covariance_path.exists():

@@ -137,7 +137,10 @@ def fit(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Fit the curvature (covariances, eigendecomposition, eigenvalue correction) into a workdir."""
+    """Fit the curvature (covariances, eigendecomposition, eigenvalue correction) into a workdir.
+
+    Long only in its signature: one typer option per setting, each with its help text.
+    """
     quiet, debug, log = setup(quiet, debug)
 
     def body() -> None:

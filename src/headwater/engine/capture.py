@@ -266,6 +266,12 @@ class Capture:
                         seen.add(id(p))
                         self._flags.append((p, p.requires_grad))
                         p.requires_grad_(True)
+        # The anchor leaf of each device the tracked modules live on, made here rather than in the
+        # first hook: a compiled model's forward (torch.compile) cannot create a leaf that requires grad.
+        for module in self._modules.values():
+            for p in module.parameters(recurse=False):
+                if p.device not in self._anchors:
+                    self._anchors[p.device] = torch.zeros((), device=p.device, requires_grad=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -130,6 +130,8 @@ def calibrate_damping(
     ``attributor`` must be fitted (any strategy with eigenvalues). With a workdir, the result is
     cached there (``calibration.json``, keyed by the factors, model, data and settings).
     Returns a ``Calibration``; ``calibration.damping`` is the per-layer damping to pass on.
+    Long because the procedure is one experiment best read in order: subsets, warm-started
+    retraining, the measured loss changes, then one LDS per candidate scale and the cache.
     """
     from ..evaluate.lds import lds, sample_subsets  # scipy: imported only when calibrating
 

@@ -76,6 +76,23 @@ def _check_sizes(an: Any, allow_large: bool, max_side: int, log: Log) -> None:
     log(f"factors: {_human(total)} on disk and in memory ({len(rows)} layers)")
 
 
+def _load(
+    model: Path, tokenizer: Path, data: Path, task: str, device: str, dtype: str, max_length: int | None
+) -> tuple[list, Any, Any, int]:
+    """The documents, model and tokenizer, and ``max_length`` checked against the context length."""
+    from ..io import context_length, load_model, load_tokenizer, read_documents
+
+    docs = read_documents(data, task)
+    net = load_model(model, device=device, dtype=dtype, task=task)
+    tok = load_tokenizer(tokenizer)
+    ctx = context_length(net)
+    if max_length is None:
+        max_length = ctx
+    elif max_length > ctx:
+        raise InputError(f"--max-length {max_length} exceeds the model's context length {ctx}; pass at most {ctx}")
+    return docs, net, tok, max_length
+
+
 def _reset(workdir: Path) -> None:
     """Remove what headwater wrote in a workdir (for --overwrite), nothing else."""
     from ..workdir import DERIVED, SCORES
@@ -190,25 +207,19 @@ def fit_workdir(
 
     Inputs are validated (data read, model loaded, settings compared) before anything is
     written, so a bad argument leaves an existing workdir untouched. ``overwrite`` removes what
-    headwater wrote there (factors, cached scores, results, index) and refits.
+    headwater wrote there (factors, cached scores, results, index) and refits. Long because it
+    is the fit command's steps in order, on one page: load, validate, fit or reuse, record.
     """
     import headwater as hw
 
     from ..data import fingerprint, sample_examples
-    from ..io import context_length, file_sha256, load_model, load_tokenizer, read_documents, tokenizer_sha256
+    from ..io import file_sha256, tokenizer_sha256
 
     workdir = Path(workdir)
     model_path = Path(model).resolve()
     tok_path = Path(tokenizer).resolve() if tokenizer is not None else model_path
     data_path = Path(data).resolve()
-    docs = read_documents(data_path, task)
-    net = load_model(model_path, device=device, dtype=dtype, task=task)
-    tok = load_tokenizer(tok_path)
-    ctx = context_length(net)
-    if max_length is None:
-        max_length = ctx
-    elif max_length > ctx:
-        raise InputError(f"--max-length {max_length} exceeds the model's context length {ctx}; pass at most {ctx}")
+    docs, net, tok, max_length = _load(model_path, tok_path, data_path, task, device, dtype, max_length)
     mods = parse_modules(modules)
     fisher = check_choice(fisher, "--fisher", FISHERS)
     fp = fingerprint(docs)

@@ -232,7 +232,11 @@ def query_workdir_index(
     progress: bool = True,
     log: Log = print,
 ) -> dict:
-    """Score queries from the index; write a run directory (scores.safetensors, results.jsonl, report.html)."""
+    """Score queries from the index; write a run directory (scores.safetensors, results.jsonl, report.html).
+
+    Long because it is the ``index query`` command's steps in order, on one page: validate the
+    inputs and the index's freshness, score, build the rows, write the run directory.
+    """
     from ..data import fingerprint
     from ..index import GradientIndex, query_index
     from ..io import document_text, query_example, read_documents, read_queries

@@ -77,17 +77,15 @@ def _shown_token_scores(
     shown: list[list[int]],
     tokens_of: dict,
     per_token: bool,
-    bs: int,
-    damping: Any,
-    rank: Any,
+    options: dict,
     progress: bool,
-    response: Any = None,
 ) -> list[dict]:
     """Per-token scores of the sequences the report shows, [Q] -> {index: [per position]}.
 
     Unless ``per_token`` scored all of them, each query's shown sequences are re-scored with
     per-token resolution: the same computation restricted to those columns, so exact and far
     cheaper than [Q, N, T]; ``cache=False`` keeps these small runs out of the workdir's cache.
+    ``options``: the main run's ``batch_size``, ``damping``, ``query_rank`` and ``response``.
     """
     if per_token:
         return [{i: sc.per_token[q, i, : len(tokens_of[i])].tolist() for i in idxs} for q, idxs in enumerate(shown)]
@@ -116,12 +114,9 @@ def _shown_token_scores(
             st = an.scores(
                 [queries[q] for q in qs],
                 [docs[i] for i in cols],
-                batch_size=bs,
-                damping=damping,
-                query_rank=rank,
                 per_token=True,
                 cache=False,
-                response=response,
+                **options,
             )
             where = {i: j for j, i in enumerate(cols)}
             for row, q in enumerate(qs):
@@ -180,6 +175,57 @@ def write_run(out: Path, sc: Any, results: list[dict], run: dict, html: str) -> 
     save_json(out / RUN_FILE, run)
 
 
+def _training_data(an: Any, settings: dict, data: Any, workdir: Path, kind: str) -> tuple[Path, list]:
+    """The data to score: ``--data``, or the file recorded at fit time (checked unchanged)."""
+    from ..io import read_documents
+
+    if data is not None:
+        return Path(data).resolve(), read_documents(Path(data).resolve(), kind)
+    data = settings.get("data")
+    if data is None:
+        raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
+    if not Path(data).exists():
+        raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
+    data_path = Path(data).resolve()
+    docs = read_documents(data_path, kind)
+    check_fit_data(an, docs, data_path, workdir)
+    return data_path, docs
+
+
+def _results_rows(
+    r: Any, sc: Any, qs: list, clean_q: list, docs: list, k: int, per_token: bool, options: dict, progress: bool
+) -> list[dict]:
+    """results.jsonl's rows: each query's top and bottom ``k`` with text, token heatmap and layers."""
+    from ..io import document_text
+
+    an, tok, kind = r.attributor, r.tokenizer, r.settings.get("task", "causal-lm")
+    top, bottom = sc.top(k), sc.bottom(k)
+    shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
+    if kind == "causal-lm":  # token heatmaps: a causal LM's per-token scores follow its one token axis
+        with located_warnings({"": None}):  # the main pass has said which of them are truncated
+            tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
+        token_scores = _shown_token_scores(an, sc, clean_q, docs, shown, tokens_of, per_token, options, progress)
+    else:
+        tokens_of, token_scores = {i: [] for s in shown for i in s}, [dict.fromkeys(s, [0.0]) for s in shown]
+    pieces = {i: token_pieces(tok, ids) for i, ids in tokens_of.items()}
+    layers = list(an.layers)
+
+    def entry(q: int, i: int, score: float) -> dict:
+        raw = token_scores[q][i]
+        # The value at position t comes from the gradient there, which carries the loss of
+        # predicting token t+1; show it on that token (the last position predicts nothing).
+        return {
+            "index": i,
+            "score": score,
+            "text": document_text(docs[i], tok),
+            "tokens": pieces[i],
+            "token_scores": ([0.0] + raw[:-1])[: len(pieces[i])],
+            "per_layer": {n: float(sc.per_layer[n][q, i]) for n in layers},
+        }
+
+    return build_results(qs, sc, k, layers, entry)
+
+
 def score_workdir(
     workdir: str | Path,
     queries: str | Path,
@@ -200,33 +246,26 @@ def score_workdir(
     log: Log = print,
     title: str | None = None,
 ) -> dict:
-    """Score queries against the training data; write a run directory. Returns {"results", "out", ...}."""
+    """Score queries against the training data; write a run directory. Returns {"results", "out", ...}.
+
+    Long because it is the score command's steps in order, on one page: validate every input,
+    key the run, score, build the rows, write the run directory.
+    """
     from ..data import fingerprint
-    from ..io import document_text, query_example, read_documents, read_queries
+    from ..io import query_example, read_queries
+    from ..plan import human, score_sizes
     from .outputs import render
 
     workdir = Path(workdir)
     damping = check_damping(damping)
     qpath = Path(queries).resolve()
     r = reopen(workdir, device=device, model=model, tokenizer=tokenizer, progress=progress)
-    an, settings, tok = r.attributor, r.settings, r.tokenizer
+    an, settings = r.attributor, r.settings
     kind = settings.get("task", "causal-lm")
     qs = read_queries(qpath, kind)
     if an.strategy != "identity" and an.curvature is None:
         raise InputError(f"workdir {workdir} has no fitted factors (factors.safetensors); run `headwater fit` first")
-    if data is None:
-        data = settings.get("data")
-        if data is None:
-            raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
-        if not Path(data).exists():
-            raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
-        recorded = True
-    else:
-        recorded = False
-    data_path = Path(data).resolve()
-    docs = read_documents(data_path, kind)
-    if recorded:
-        check_fit_data(an, docs, data_path, workdir)
+    data_path, docs = _training_data(an, settings, data, workdir, kind)
     data_fp = fingerprint(docs)
     check_relevant(qs, len(docs), data_path.name)
     check_queries_fit(r.task, qs, qpath, log, kind)
@@ -252,52 +291,19 @@ def score_workdir(
         else (f"each one's top {min(candidates, len(docs))} BM25 candidates among {len(docs)} training documents")
     )
     log(f"scoring {len(qs)} queries against {against} (query rank {rank or 'full'})")
+    qgrads, out_bytes = score_sizes(list(an.shapes.values()), len(qs), len(docs), rank)
+    log(f"  query gradients {human(qgrads)}, scores {human(out_bytes)} in memory and on disk")
     t0 = time.perf_counter()
+    options = dict(batch_size=bs, damping=damping, query_rank=rank, response=response)
     try:
         with located_warnings({"training data": (docs, data_path), "queries": None}):
-            sc = an.scores(
-                clean_q,
-                docs,
-                batch_size=bs,
-                damping=damping,
-                query_rank=rank,
-                per_layer=True,
-                per_token=per_token,
-                candidates=candidates,
-                response=response,
-            )
+            sc = an.scores(clean_q, docs, per_layer=True, per_token=per_token, candidates=candidates, **options)
     except ExampleError as e:
         raise at_location(e, docs, data_path) from e
     if sc.meta.get("cached"):
         log(f"reusing the cached scores of an identical earlier run ({sc.meta.get('run', {}).get('id')})")
-    top, bottom = sc.top(k), sc.bottom(k)
-    shown = [list(dict.fromkeys(top.indices[q].tolist() + bottom.indices[q].tolist())) for q in range(len(qs))]
-    if kind == "causal-lm":  # token heatmaps: a causal LM's per-token scores follow its one token axis
-        with located_warnings({"": None}):  # the main pass has said which of them are truncated
-            tokens_of = {i: r.task.collate([docs[i]])["input_ids"][0].tolist() for i in {i for s in shown for i in s}}
-        token_scores = _shown_token_scores(
-            an, sc, clean_q, docs, shown, tokens_of, per_token, bs, damping, rank, progress, response
-        )
-    else:
-        tokens_of, token_scores = {i: [] for s in shown for i in s}, [dict.fromkeys(s, [0.0]) for s in shown]
+    results = _results_rows(r, sc, qs, clean_q, docs, k, per_token, options, progress)
     seconds = time.perf_counter() - t0
-    pieces = {i: token_pieces(tok, ids) for i, ids in tokens_of.items()}
-    layers = list(an.layers)
-
-    def entry(q: int, i: int, score: float) -> dict:
-        raw = token_scores[q][i]
-        # The value at position t comes from the gradient there, which carries the loss of
-        # predicting token t+1; show it on that token (the last position predicts nothing).
-        return {
-            "index": i,
-            "score": score,
-            "text": document_text(docs[i], tok),
-            "tokens": pieces[i],
-            "token_scores": ([0.0] + raw[:-1])[: len(pieces[i])],
-            "per_layer": {n: float(sc.per_layer[n][q, i]) for n in layers},
-        }
-
-    results = build_results(qs, sc, k, layers, entry)
     run = {
         "title": title or f"headwater report: {workdir.name}",
         "created": now(),
@@ -314,7 +320,7 @@ def score_workdir(
         "damping": sc.meta.get("damping"),
         "damping_arg": damping,
         "per_token": per_token,
-        "layers": layers,
+        "layers": list(an.layers),
         "strategy": settings.get("strategy"),
         # what the factors were fitted with (cli.json): the report shows it even after a refit
         "fit": {k: v for k, v in settings.items() if k != "checksum"},
