@@ -30,3 +30,19 @@ def test_a_compiled_model_scores_as_the_eager_one():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)  # no hook left behind
+
+
+def test_a_model_compiled_before_the_hooks_is_refused_not_misread():
+    """torch.compile does not guard on hooks: a graph compiled before the Attributor runs without them.
+
+    Nothing would be captured; the pass must refuse with the cause and the fix, not return zeros.
+    """
+    torch._dynamo.reset()
+    model, train = tiny_gpt2(), lm_data(4, lo=6, hi=6)
+    compiled = torch.compile(model)
+    task = hw.LanguageModelingTask()
+    batch = task.collate(train)
+    compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # compiled without hooks
+    with pytest.raises(RuntimeError, match=r"compiled \(torch.compile\) and run before.*torch._dynamo.reset"):
+        hw.Attributor(compiled, modules="mlp", fisher="empirical").fit(train, batch_size=4)
+    torch._dynamo.reset()

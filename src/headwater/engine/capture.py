@@ -376,6 +376,15 @@ class Capture:
                 "runs the model, and that it is not computed under torch.no_grad()"
             )
         missing = [n for n in self.layers if n not in self._calls]
+        if missing and _compiled(self.model):
+            # torch.compile does not guard on hooks by default: a graph compiled before the
+            # Attributor existed runs on without them (nothing would be captured, so refuse)
+            raise RuntimeError(
+                f"tracked layers {missing[:5]} were not seen by headwater's hooks: this model was "
+                "compiled (torch.compile) and run before headwater attached them, and the compiled "
+                "graph does not call hooks added later; create the Attributor before the compiled "
+                "model's first call, or call torch._dynamo.reset() first"
+            )
         if missing:
             raise RuntimeError(
                 f"tracked layers {missing[:5]} were not called in the forward pass; "
@@ -415,6 +424,11 @@ class Capture:
         out: dict[str, LayerCapture] = {}
         self.stream(loss, mask, lambda c: out.__setitem__(c.name, c), retain_graph)
         return iter([out[n] for n in self.layers if n in out])
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
 
 
 def _expected(calls: dict[str, list[_Call]], loss: torch.Tensor) -> dict[str, int]:
