@@ -423,3 +423,39 @@ def test_experts_that_are_separate_modules_on_routed_rows_are_named_not_tracked(
     an = hw.Attributor(model, task=task, strategy="identity", modules=list(layers))
     ref = autograd_grads(model, task, queries, layers, measurement=True) @ autograd_grads(model, task, train, layers).T
     torch.testing.assert_close(an.scores(queries, train, batch_size=3).values, ref)
+
+
+def test_the_report_sums_expert_layers_per_moe_block_and_per_expert():
+    """A MoE model's layer chart: one bar per experts block (its experts' sum) and a per-expert chart."""
+    import re
+
+    from headwater.report import LayerGroups, render_report
+
+    model = build(_family(_qwen2_moe))
+    layers = select_layers(model, "mlp")
+    kinds = {r["name"]: r for r in describe_layers(model, layers)}
+    names = list(layers)
+    per_layer = {n: float(i + 1) for i, n in enumerate(names)}  # distinct values: sums are checkable
+    groups = LayerGroups(names, kinds)
+    block = "model.layers.0.mlp.experts"
+    experts = [n for n in names if n.startswith(block + ".")]
+    assert groups.by_block(per_layer)[block] == sum(per_layer[n] for n in experts)
+    for e in range(4):
+        want = sum(per_layer[n] for n in experts if n.startswith(f"{block}.{e}."))
+        assert groups.by_expert(per_layer)[f"expert {e}"] == want
+    shared = "model.layers.0.mlp.shared_expert.down_proj"
+    assert groups.by_block(per_layer)[shared] == per_layer[shared]  # not an expert: its own bar
+    assert groups.names == list(dict.fromkeys(block if n in experts else n for n in names))  # model order
+
+    entry = {"index": 0, "score": 1.0, "text": "t", "tokens": ["t"], "token_scores": [0.0], "per_layer": per_layer}
+    row = {"query": 0, "prompt": "p", "completion": " c", "top": [entry], "bottom": [entry]}
+    row.update(per_layer_top=per_layer, per_layer_bottom={n: -v for n, v in per_layer.items()}, stats={"n": 1})
+    html = render_report([row], torch.tensor([[1.0]]), {"layer_kinds": kinds}, {"layers": names, "top_k": 1})
+    titles = re.findall(r"<title>([^<]*)</title>", html)
+    assert f"{block} (top 1): {groups.by_block(per_layer)[block]:+.4g}" in titles
+    assert sum(t.startswith("expert ") and "(top 1)" in t for t in titles) == 4
+    assert not any(t.startswith(f"{block}.0.") for t in titles), "expert layers are not drawn one by one"
+    assert "11 (8 expert layers: 4 experts in 1 MoE blocks): " in html  # the summary counts them per block
+    # without layer kinds (an older workdir) the layers are drawn as they are
+    plain = render_report([row], torch.tensor([[1.0]]), {}, {"layers": names, "top_k": 1})
+    assert sum("(top 1)" in t for t in re.findall(r"<title>([^<]*)</title>", plain)) == len(names)

@@ -472,7 +472,83 @@ def _sequence(entry: dict, vmax: float, relevant: set[int]) -> str:
     )
 
 
-def _query_section(r: dict, values: Sequence[float], layers: list[str], sparsity: dict | None = None) -> str:
+class LayerGroups:
+    """How a MoE model's per-layer sums are shown: one bar per MoE block, and a per-expert view.
+
+    ``kinds`` is the fit's ``layer_kinds`` (``headwater.layers.describe_layers``: ``expert`` is an
+    expert layer's index, ``block`` the fused experts module that holds it). A model with hundreds
+    of expert layers (layers x experts x projections) would get an unreadable chart of one bar
+    per layer; summed per block the chart keeps the model's depth profile, and summed per expert
+    (over blocks and projections) it shows which experts carry the influence. Without experts
+    the layers are shown as they are.
+    """
+
+    def __init__(self, layers: list[str], kinds: Any):
+        kinds = kinds if isinstance(kinds, dict) else {}
+        self.block_of: dict[str, str] = {}
+        self.expert_of: dict[str, int] = {}
+        for name in layers:
+            k = kinds.get(name)
+            e = k.get("expert") if isinstance(k, dict) else None
+            if isinstance(e, int) and not isinstance(e, bool):
+                self.expert_of[name] = e
+                self.block_of[name] = str(k.get("block") or name)
+        self.names = list(dict.fromkeys(self.block_of.get(n, n) for n in layers))  # model order
+        self.experts = sorted(set(self.expert_of.values()))
+
+    @property
+    def has_experts(self) -> bool:
+        return bool(self.expert_of)
+
+    def by_block(self, per_layer: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, v in per_layer.items():
+            key = self.block_of.get(name, name)
+            out[key] = out.get(key, 0.0) + v
+        return out
+
+    def by_expert(self, per_layer: dict[str, float]) -> dict[str, float]:
+        out = {f"expert {e}": 0.0 for e in self.experts}
+        for name, v in per_layer.items():
+            if name in self.expert_of:
+                out[f"expert {self.expert_of[name]}"] += v
+        return out
+
+
+def _layers_text(layers: list[str], kinds: Any) -> str:
+    """The tracked layers in one line: all of them when few, else the first and last few; a MoE
+    model's expert layers are counted per block (hundreds of names would bury the summary)."""
+    groups = LayerGroups(layers, kinds)
+    head = f"{len(layers)}"
+    if groups.has_experts:
+        n_blocks = len({groups.block_of[n] for n in groups.expert_of})
+        head += f" ({len(groups.expert_of)} expert layers: {len(groups.experts)} experts in {n_blocks} MoE blocks)"
+        layers = groups.names
+    shown = layers if len(layers) <= 12 else layers[:6] + [f"... {len(layers) - 9} more ..."] + layers[-3:]
+    return f"{head}: " + ", ".join(shown)
+
+
+def _layer_figures(r: dict, names: list[str], groups: LayerGroups | None, k: int) -> str:
+    top, bottom = _real_dict(_dict(r.get("per_layer_top"))), _real_dict(_dict(r.get("per_layer_bottom")))
+    if groups is None or not groups.has_experts:
+        return (
+            layer_chart(names, top, bottom, k)
+            + f"<figcaption>Per-layer influence, first to last layer: the summed score of the top {k} "
+            f"(red) and bottom {k} (blue) sequences by layer.</figcaption>"
+        )
+    blocks = layer_chart(groups.names, groups.by_block(top), groups.by_block(bottom), k)
+    experts = layer_chart([f"expert {e}" for e in groups.experts], groups.by_expert(top), groups.by_expert(bottom), k)
+    return (
+        f"{blocks}<figcaption>Per-layer influence, first to last layer, each MoE block's experts summed "
+        f"into one bar: the summed score of the top {k} (red) and bottom {k} (blue) sequences.</figcaption>"
+        f"</figure><figure>{experts}<figcaption>Per expert: its projections summed over every MoE "
+        f"block, for the same top {k} and bottom {k} sequences.</figcaption>"
+    )
+
+
+def _query_section(
+    r: dict, values: Sequence[float], layers: list[str], sparsity: dict | None = None, groups: LayerGroups | None = None
+) -> str:
     q = _num(r["query"])  # an id and a label: validated by check_results, formatted anyway
     shown = (r.get("top") or []) + (r.get("bottom") or [])
     vmax = max((abs(_real(v)) for e in shown for v in (e.get("token_scores") or [])), default=0.0)
@@ -492,9 +568,8 @@ def _query_section(r: dict, values: Sequence[float], layers: list[str], sparsity
         "training sequences raise the "
         f"completion's probability{recall}</p>",
         '<div class="charts"><figure>',
-        layer_chart(names, _dict(r.get("per_layer_top")), _dict(r.get("per_layer_bottom")), k),
-        f"<figcaption>Per-layer influence, first to last layer: the summed score of the top {k} "
-        f"(red) and bottom {k} (blue) sequences by layer.</figcaption></figure><figure>",
+        _layer_figures(r, names, groups, k),
+        "</figure><figure>",
         distribution_chart(values),
         "<figcaption>Score distribution over the training set: |score| by rank, log-log.</figcaption>",
         "</figure>",
@@ -547,7 +622,7 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
         ("Fitted on", f"{settings.get('data')} (sha256 {settings.get('data_sha256')})"),
         ("Max length", settings.get("max_length")),
         ("Strategy", f"{settings.get('strategy')} (fisher: {settings.get('fisher')})"),
-        ("Layers", f"{len(layers)}: " + ", ".join(layers)),
+        ("Layers", _layers_text(layers, settings.get("layer_kinds"))),
         ("Damping", damp),
         ("Query rank", meta.get("query_rank") or "full (exact)"),
         ("Top-k", meta.get("top_k")),
@@ -587,6 +662,7 @@ def render_report(
     settings, meta = _dict(settings), _dict(meta)
     rows = [[float(x) for x in _tolist(values[q])] for q in range(len(results))]
     layers = _str_list(meta.get("layers")) or _str_list(settings.get("layers"))
+    groups = LayerGroups(layers, settings.get("layer_kinds"))
     title = meta.get("title") or "headwater report"
     recalls = [float(r["recall"]) for r in results if r.get("recall") is not None]
     recall_line = ""
@@ -630,7 +706,7 @@ def render_report(
         f"</tr></thead><tbody>{''.join(q_rows)}</tbody></table>",
         analysis_summary(_dict(analysis), len(results)),
         "</section>",
-        "".join(_query_section(r, rows[i], layers, per_query[i]) for i, r in enumerate(results)),
+        "".join(_query_section(r, rows[i], layers, per_query[i], groups) for i, r in enumerate(results)),
         "</main></body></html>",
     ]
     return "\n".join(body)
