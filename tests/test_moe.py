@@ -456,6 +456,14 @@ def test_the_report_sums_expert_layers_per_moe_block_and_per_expert():
     assert sum(t.startswith("expert ") and "(top 1)" in t for t in titles) == 4
     assert not any(t.startswith(f"{block}.0.") for t in titles), "expert layers are not drawn one by one"
     assert "11 (8 expert layers: 4 experts in 1 MoE blocks): " in html  # the summary counts them per block
+    from headwater.layers import coverage
+
+    cov = coverage(model, layers)
+    settings = {"layer_kinds": kinds, "coverage": {k: cov[k] for k in ("share", "attributable_share", "untracked")}}
+    html = render_report([row], torch.tensor([[1.0]]), settings, {"layers": names, "top_k": 1})
+    tracked = re.search(r"<th>Tracked</th><td>([^<]*)</td>", html).group(1)
+    assert tracked.startswith("8 expert, 3 shared-expert; ") and f"{cov['share']:.1%} of all parameters" in tracked
+    assert "not tracked: " in tracked  # attention and routers, by name, with the reason
     # without layer kinds (an older workdir) the layers are drawn as they are
     plain = render_report([row], torch.tensor([[1.0]]), {}, {"layers": names, "top_k": 1})
     assert sum("(top 1)" in t for t in re.findall(r"<title>([^<]*)</title>", plain)) == len(names)

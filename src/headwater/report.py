@@ -528,6 +528,29 @@ def _layers_text(layers: list[str], kinds: Any) -> str:
     return f"{head}: " + ", ".join(shown)
 
 
+def _tracked_text(layers: list[str], kinds: Any, coverage: Any) -> str:
+    """Layers by kind (attention, mlp, expert, adapter, ...) and the share of parameters covered,
+    as the fit recorded them (cli.json); "not recorded" for a workdir written without them."""
+    kinds = kinds if isinstance(kinds, dict) else {}
+    counts: dict[str, int] = {}
+    for name in layers:
+        k = kinds.get(name)
+        kind = str(k.get("kind")) if isinstance(k, dict) and k.get("kind") else "?"
+        counts[kind] = counts.get(kind, 0) + 1
+    text = ", ".join(f"{n} {kind}" for kind, n in counts.items()) if set(counts) - {"?"} else "kinds not recorded"
+    cov = coverage if isinstance(coverage, dict) else {}
+    if _is_real(cov.get("share")) and _is_real(cov.get("attributable_share")):
+        text += (
+            f"; {_real(cov['share']):.1%} of all parameters, {_real(cov['attributable_share']):.1%} of the "
+            "weight matrices attribution should cover (embeddings and vectors excluded)"
+        )
+    untracked = [u for u in cov.get("untracked") or [] if isinstance(u, dict)]
+    if untracked:
+        names = ", ".join(f"{u.get('name')} ({u.get('reason')})" for u in untracked[:5])
+        text += f"; not tracked: {names}" + (f" and {len(untracked) - 5} more" if len(untracked) > 5 else "")
+    return text
+
+
 def _layer_figures(r: dict, names: list[str], groups: LayerGroups | None, k: int) -> str:
     top, bottom = _real_dict(_dict(r.get("per_layer_top"))), _real_dict(_dict(r.get("per_layer_bottom")))
     if groups is None or not groups.has_experts:
@@ -623,6 +646,7 @@ def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
         ("Max length", settings.get("max_length")),
         ("Strategy", f"{settings.get('strategy')} (fisher: {settings.get('fisher')})"),
         ("Layers", _layers_text(layers, settings.get("layer_kinds"))),
+        ("Tracked", _tracked_text(layers, settings.get("layer_kinds"), settings.get("coverage"))),
         ("Damping", damp),
         ("Query rank", meta.get("query_rank") or "full (exact)"),
         ("Top-k", meta.get("top_k")),
