@@ -211,6 +211,27 @@ def test_score_with_the_unrolled_response_and_a_calibrated_damping(tmp_path: Pat
     assert cal.exit_code == 0, cal.output
     assert "calibrated damping scale" in cal.stderr and (wd / "calibration.json").exists()
     assert invoke(*base, "--out", wd / "c", "--damping", "calibrate").exit_code == 0
+    # the chosen scale and its curve, in inspect and in the report of the run that used it
+    saved = json.loads((wd / "calibration.json").read_text())["calibration"]
+    scale = format(saved["scale"], "g")
+    res = invoke("inspect", wd)
+    assert res.exit_code == 0, res.output + res.stderr
+    shown = res.stdout
+    line = next((x for x in shown.splitlines() if x.startswith("damping   calibrated")), shown)
+    assert f"calibrated {scale} x mean eigenvalue" in line and "STALE" not in line
+    assert all(f"{format(c['scale'], 'g')}: " in line for c in saved["curve"])
+    html = (wd / "c" / "report.html").read_text()
+    assert f"calibrated on this model (headwater calibrate): {scale} x mean eigenvalue per layer" in html
+    from headwater.storage import load_json, save_json
+
+    other = load_json(wd / "calibration.json")
+    other["factors"] = "0" * 32  # a calibration of other factors (copied in, checksummed) is marked stale
+    save_json(wd / "calibration.json", {k: v for k, v in other.items() if k != "checksum"})
+    assert "STALE: made for other factors" in invoke("inspect", wd).stdout
+    fit = ["fit", "--model", tmp_path / "model", "--data", tmp_path / "train.jsonl", "--workdir", wd, "--quiet"]
+    assert invoke(*fit, "--overwrite", "--seed", 1).exit_code == 0
+    assert not (wd / "calibration.json").exists()  # a refit removes it with the other derived results
+    assert "damping   calibrated" not in invoke("inspect", wd).stdout
 
 
 def test_source_from_a_training_record_and_calibrate(tmp_path: Path, tok) -> None:  # noqa: ANN001

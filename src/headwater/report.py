@@ -627,7 +627,18 @@ def _tail_figure(sparsity: dict | None) -> str:
 def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     damping = meta.get("damping") or {}
     vals = [float(v) for v in damping.values() if _is_real(v)] if isinstance(damping, dict) else []
-    if meta.get("damping_arg") is not None:
+    cal = _dict(meta.get("calibration"))
+    if meta.get("damping_arg") == "calibrate":
+        curve = ", ".join(
+            f"{_num_text(c.get('scale'), 'g')}: {_num_text(c.get('local_lds'), '.3f')}"
+            for c in cal.get("curve") or []
+            if isinstance(c, dict)
+        )
+        damp = (
+            f"calibrated on this model (headwater calibrate): {_num_text(cal.get('scale'), 'g', none='?')} x mean "
+            f"eigenvalue per layer; local LDS by scale: {curve or '-'}"
+        )
+    elif meta.get("damping_arg") is not None:
         damp = f"{_num_text(meta['damping_arg'], 'g')} (absolute, every layer)"
     elif vals:
         damp = f"0.1 x mean eigenvalue per layer: {min(vals):.3g} .. {max(vals):.3g}"

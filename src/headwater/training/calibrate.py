@@ -50,11 +50,11 @@ from ..gauss_newton import ParameterSpace
 from ..scoring import QueryGradientConsumer, QueryGradients, ScoreAccumulator
 from ..storage import load_json, model_fingerprint, save_json
 from ..validation import check_int, check_number, check_seed
+from ..workdir import CALIBRATION_FILE
 
 __all__ = ["Calibration", "calibrate_damping", "DEFAULT_SCALES"]
 
 DEFAULT_SCALES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..io import InputError
 from ..storage import CorruptArtifactError, load_json, load_tensors, tensors_meta
-from ..workdir import CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, SCORES
+from ..workdir import CALIBRATION_FILE, CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, SCORES
 from .common import ANALYSIS_FILE, CLI_FILE, REPORT_FILE, RESULTS_FILE, RUN_FILE, RUNS, SCORES_FILE, tidy
 
 __all__ = ["inspect_workdir", "format_inspect", "verify_workdir", "Finding", "format_findings"]
@@ -105,6 +105,9 @@ def inspect_workdir(workdir: str | Path) -> dict:
         info["layers"].append(layer)
     if settings.get("coverage"):
         info["coverage"] = settings["coverage"]
+    calibration = calibration_summary(workdir)
+    if calibration is not None:
+        info["calibration"] = calibration
     for run_dir in run_dirs(workdir):
         info["runs"].append(_run_summary(run_dir))
     for p in sorted(workdir.iterdir()):
@@ -179,6 +182,9 @@ def format_inspect(info: dict) -> str:
         f"fingerprint {d.get('fingerprint')})"
     )
     lines.append(f"fitted    {('at ' + str(info.get('fitted_at'))) if info['fitted'] else 'no (run headwater fit)'}")
+    cal = info.get("calibration")
+    if cal:
+        lines.append("damping   " + calibration_text(cal))
     roles: dict[str, int] = {}
     for layer in info["layers"]:
         roles[layer.get("role") or "?"] = roles.get(layer.get("role") or "?", 0) + 1
@@ -404,3 +410,36 @@ def format_findings(findings: list[Finding]) -> str:
     lines = [f"{f.status.upper():<8} {f.path}" + (f": {f.detail}" if f.detail else "") for f in findings]
     lines.append(f"{len(findings) - len(bad)} ok, {len(bad)} with problems")
     return "\n".join(lines)
+
+
+def calibration_summary(workdir: Path) -> dict | None:
+    """The damping calibration saved in ``workdir`` (``headwater calibrate``), or None.
+
+    ``current`` says whether it was made for the factors now in the workdir (a refit leaves it
+    stale; ``damping="calibrate"`` then refuses it).
+    """
+    path = workdir / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    saved = load_json(path, hint="delete it and rerun `headwater calibrate`")
+    cal = saved.get("calibration") or {}
+    factors = workdir / FACTORS_FILE
+    current = factors.exists() and saved.get("factors") == tensors_meta(factors, hint="refit with --overwrite")[1]
+    keys = ("scale", "curve", "implied_weight_decay", "cost_fits", "seconds")
+    return {**{k: cal.get(k) for k in keys}, "current": bool(current)}
+
+
+def calibration_text(cal: dict) -> str:
+    """One line: the chosen scale, its local-LDS curve (scale: LDS), the cost, and whether it is current."""
+    curve = ", ".join(
+        f"{_g(c.get('scale'))}: {_g(c.get('local_lds'), '.3f')}" for c in cal.get("curve") or [] if isinstance(c, dict)
+    )
+    return (
+        f"calibrated {_g(cal.get('scale'))} x mean eigenvalue (local LDS by scale: {curve or '-'}); "
+        f"cost {_g(cal.get('cost_fits'), '.1f')} fits, {_g(cal.get('seconds'), '.0f')} s"
+        + ("" if cal.get("current") else "; STALE: made for other factors, rerun `headwater calibrate`")
+    )
+
+
+def _g(v: Any, spec: str = "g") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "?"

@@ -254,6 +254,7 @@ def score_workdir(
     from ..data import fingerprint
     from ..io import query_example, read_queries
     from ..plan import human, score_sizes
+    from .inspect import calibration_summary
     from .outputs import render
 
     workdir = Path(workdir)
@@ -319,6 +320,7 @@ def score_workdir(
         "candidates": candidates,
         "damping": sc.meta.get("damping"),
         "damping_arg": damping,
+        "calibration": calibration_summary(workdir) if damping == "calibrate" else None,
         "per_token": per_token,
         "layers": list(an.layers),
         "strategy": settings.get("strategy"),
