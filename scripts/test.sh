@@ -11,5 +11,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
 fi
 ruff check src tests benchmarks scripts
 ruff format --check src tests benchmarks scripts
-lint-imports   # the layer contract and no import cycles (pyproject.toml [tool.importlinter])
+lint-imports --no-cache   # the layer contract and no import cycles (pyproject.toml [tool.importlinter])
 python -m pytest "$@"

@@ -20,8 +20,8 @@ from typing import Any
 
 from ..errors import ExampleError, HeadwaterWarning, TruncationWarning
 from ..io import InputError, query_example, where
-from ..storage import clean_leftovers, load_json
-from ..workdir import CONFIG_FILE, WorkdirMismatchError
+from ..storage import clean_leftovers, load_json, tensors_meta
+from ..workdir import CALIBRATION_FILE, CONFIG_FILE, FACTORS_FILE, WorkdirMismatchError
 
 __all__ = [
     "Log",
@@ -331,3 +331,20 @@ def tidy(*dirs: Path) -> None:
     for d in dirs:
         with contextlib.suppress(OSError):
             clean_leftovers(d)
+
+
+def calibration_summary(workdir: Path) -> dict | None:
+    """The damping calibration saved in ``workdir`` (``headwater calibrate``), or None.
+
+    ``current`` says whether it was made for the factors now in the workdir (a refit leaves it
+    stale; ``damping="calibrate"`` then refuses it).
+    """
+    path = workdir / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    saved = load_json(path, hint="delete it and rerun `headwater calibrate`")
+    cal = saved.get("calibration") or {}
+    factors = workdir / FACTORS_FILE
+    current = factors.exists() and saved.get("factors") == tensors_meta(factors, hint="refit with --overwrite")[1]
+    keys = ("scale", "curve", "implied_weight_decay", "cost_fits", "seconds")
+    return {**{k: cal.get(k) for k in keys}, "current": bool(current)}

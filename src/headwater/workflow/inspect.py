@@ -17,8 +17,18 @@ from typing import Any
 
 from ..io import InputError
 from ..storage import CorruptArtifactError, load_json, load_tensors, tensors_meta
-from ..workdir import CALIBRATION_FILE, CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, SCORES
-from .common import ANALYSIS_FILE, CLI_FILE, REPORT_FILE, RESULTS_FILE, RUN_FILE, RUNS, SCORES_FILE, tidy
+from ..workdir import CHECKPOINTS, CONFIG_FILE, COVARIANCE_FILE, FACTORS_FILE, SCORES
+from .common import (
+    ANALYSIS_FILE,
+    CLI_FILE,
+    REPORT_FILE,
+    RESULTS_FILE,
+    RUN_FILE,
+    RUNS,
+    SCORES_FILE,
+    calibration_summary,
+    tidy,
+)
 
 __all__ = ["inspect_workdir", "format_inspect", "verify_workdir", "Finding", "format_findings"]
 
@@ -410,23 +420,6 @@ def format_findings(findings: list[Finding]) -> str:
     lines = [f"{f.status.upper():<8} {f.path}" + (f": {f.detail}" if f.detail else "") for f in findings]
     lines.append(f"{len(findings) - len(bad)} ok, {len(bad)} with problems")
     return "\n".join(lines)
-
-
-def calibration_summary(workdir: Path) -> dict | None:
-    """The damping calibration saved in ``workdir`` (``headwater calibrate``), or None.
-
-    ``current`` says whether it was made for the factors now in the workdir (a refit leaves it
-    stale; ``damping="calibrate"`` then refuses it).
-    """
-    path = workdir / CALIBRATION_FILE
-    if not path.exists():
-        return None
-    saved = load_json(path, hint="delete it and rerun `headwater calibrate`")
-    cal = saved.get("calibration") or {}
-    factors = workdir / FACTORS_FILE
-    current = factors.exists() and saved.get("factors") == tensors_meta(factors, hint="refit with --overwrite")[1]
-    keys = ("scale", "curve", "implied_weight_decay", "cost_fits", "seconds")
-    return {**{k: cal.get(k) for k in keys}, "current": bool(current)}
 
 
 def calibration_text(cal: dict) -> str:

@@ -32,6 +32,7 @@ from .common import (
     SCORES_FILE,
     Log,
     at_location,
+    calibration_summary,
     check_damping,
     check_fit_data,
     check_queries_fit,
@@ -254,7 +255,6 @@ def score_workdir(
     from ..data import fingerprint
     from ..io import query_example, read_queries
     from ..plan import human, score_sizes
-    from .inspect import calibration_summary
     from .outputs import render
 
     workdir = Path(workdir)
