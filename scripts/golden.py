@@ -102,7 +102,8 @@ def main() -> None:
         if a.shape != b.shape:
             bad.append(f"{k}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
         elif a.dtype == torch.float64 and not k.startswith("demo") and not torch.equal(a, b):
-            bad.append(f"{k}: fp64 not bitwise equal (max diff {(a - b).abs().max().item():.3g})")
+            rel = ((a - b).abs().max() / a.abs().max().clamp_min(1e-300)).item()
+            bad.append(f"{k}: fp64 not bitwise equal (max diff {(a - b).abs().max().item():.3g}, relative {rel:.2g})")
         elif not torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6 * a.abs().max().item()):
             bad.append(f"{k}: differs (max diff {(a.double() - b.double()).abs().max().item():.3g})")
     print("\n".join(bad) if bad else f"all {len(ref)} tensors equal")
