@@ -47,6 +47,8 @@ __all__ = [
     "check_fit_data",
     "located_warnings",
     "tidy",
+    "calibration_summary",
+    "recorded_data",
     "FLAGS",
 ]
 
@@ -348,3 +350,14 @@ def calibration_summary(workdir: Path) -> dict | None:
     current = factors.exists() and saved.get("factors") == tensors_meta(factors, hint="refit with --overwrite")[1]
     keys = ("scale", "curve", "implied_weight_decay", "cost_fits", "seconds")
     return {**{k: cal.get(k) for k in keys}, "current": bool(current)}
+
+
+def recorded_data(settings: dict, data: str | Path | None, workdir: Path) -> Path:
+    """The training data file: ``--data``, else the one cli.json recorded at fit time (which must exist)."""
+    if data is None:
+        data = settings.get("data")
+        if data is None:
+            raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
+        if not Path(data).exists():
+            raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
+    return Path(data).resolve()

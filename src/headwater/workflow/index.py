@@ -26,7 +26,17 @@ import numpy as np
 
 from ..io import InputError, check_relevant
 from ..storage import CorruptArtifactError, load_json, save_json
-from .common import Log, check_damping, check_fit_data, check_queries_fit, located_warnings, now, reopen, tidy
+from .common import (
+    Log,
+    check_damping,
+    check_fit_data,
+    check_queries_fit,
+    located_warnings,
+    now,
+    recorded_data,
+    reopen,
+    tidy,
+)
 from .score import build_results, run_dir_for, write_run
 
 __all__ = ["build_workdir_index", "query_workdir_index", "index_agreement", "index_source", "SOURCE_FILE"]
@@ -34,16 +44,6 @@ __all__ = ["build_workdir_index", "query_workdir_index", "index_agreement", "ind
 SOURCE_FILE = "source.json"
 # What build_index writes into an index directory (and all that --overwrite removes there).
 _INDEX_FILES = ("manifest.json", SOURCE_FILE, "projections.safetensors", "curvature.safetensors")
-
-
-def _data_path(settings: dict, data: str | Path | None) -> Path:
-    if data is None:
-        data = settings.get("data")
-        if data is None:
-            raise InputError("this workdir was fitted from Python and records no data file; pass --data FILE")
-        if not Path(data).exists():
-            raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
-    return Path(data).resolve()
 
 
 def index_source(an: Any) -> dict:
@@ -163,7 +163,7 @@ def build_workdir_index(
     workdir = Path(workdir)
     r = reopen(workdir, device=device, progress=progress)
     an, settings = r.attributor, r.settings
-    data_path = _data_path(settings, data)
+    data_path = recorded_data(settings, data, workdir)
     docs = read_documents(data_path, settings.get("task", "causal-lm"))
     if data is None:
         check_fit_data(an, docs, data_path, workdir)
@@ -260,7 +260,7 @@ def query_workdir_index(
             f"the index at {path} was built {why}; rebuild it with "
             f"`headwater index build --workdir {workdir} --overwrite`"
         )
-    data_path = _data_path(settings, data)
+    data_path = recorded_data(settings, data, workdir)
     docs = read_documents(data_path, kind)  # for the texts of the top sequences
     fp = fingerprint(docs)
     if fp != idx.manifest["data_fingerprint"]:

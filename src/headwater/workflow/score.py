@@ -38,6 +38,7 @@ from .common import (
     check_queries_fit,
     located_warnings,
     now,
+    recorded_data,
     reopen,
 )
 
@@ -180,16 +181,10 @@ def _training_data(an: Any, settings: dict, data: Any, workdir: Path, kind: str)
     """The data to score: ``--data``, or the file recorded at fit time (checked unchanged)."""
     from ..io import read_documents
 
-    if data is not None:
-        return Path(data).resolve(), read_documents(Path(data).resolve(), kind)
-    data = settings.get("data")
-    if data is None:
-        raise InputError(f"{workdir} was fitted from Python and records no data file; pass --data FILE")
-    if not Path(data).exists():
-        raise InputError(f"the training data {data} recorded at fit time no longer exists; pass --data FILE")
-    data_path = Path(data).resolve()
+    data_path = recorded_data(settings, data, workdir)
     docs = read_documents(data_path, kind)
-    check_fit_data(an, docs, data_path, workdir)
+    if data is None:
+        check_fit_data(an, docs, data_path, workdir)
     return data_path, docs
 
 
