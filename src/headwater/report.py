@@ -624,20 +624,29 @@ def _tail_figure(sparsity: dict | None) -> str:
     return f"<figure>{tail_chart(fit)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
+def calibration_text(cal: dict) -> str:
+    """A damping calibration in one line: the chosen scale, the local LDS at each scale tried, its cost.
+
+    ``cal`` comes from calibration.json (``headwater calibrate``, via ``inspect`` or run.json): a value
+    that is not a finite number shows as its text, which the report escapes with its row.
+    """
+    curve = ", ".join(
+        f"{_num_text(c.get('scale'), 'g')}: {_num_text(c.get('local_lds'), '.3f')}"
+        for c in cal.get("curve") or []
+        if isinstance(c, dict)
+    )
+    return (
+        f"{_num_text(cal.get('scale'), 'g', none='?')} x mean eigenvalue per layer; local LDS by scale: "
+        f"{curve or '-'}; cost {_num_text(cal.get('cost_fits'), '.1f', none='?')} fits, "
+        f"{_num_text(cal.get('seconds'), '.0f', none='?')} s"
+    )
+
+
 def _settings_rows(settings: dict, meta: dict) -> list[tuple[str, str]]:
     damping = meta.get("damping") or {}
     vals = [float(v) for v in damping.values() if _is_real(v)] if isinstance(damping, dict) else []
-    cal = _dict(meta.get("calibration"))
     if meta.get("damping_arg") == "calibrate":
-        curve = ", ".join(
-            f"{_num_text(c.get('scale'), 'g')}: {_num_text(c.get('local_lds'), '.3f')}"
-            for c in cal.get("curve") or []
-            if isinstance(c, dict)
-        )
-        damp = (
-            f"calibrated on this model (headwater calibrate): {_num_text(cal.get('scale'), 'g', none='?')} x mean "
-            f"eigenvalue per layer; local LDS by scale: {curve or '-'}"
-        )
+        damp = f"calibrated on this model (headwater calibrate): {calibration_text(_dict(meta.get('calibration')))}"
     elif meta.get("damping_arg") is not None:
         damp = f"{_num_text(meta['damping_arg'], 'g')} (absolute, every layer)"
     elif vals:

@@ -194,7 +194,10 @@ def format_inspect(info: dict) -> str:
     lines.append(f"fitted    {('at ' + str(info.get('fitted_at'))) if info['fitted'] else 'no (run headwater fit)'}")
     cal = info.get("calibration")
     if cal:
-        lines.append("damping   " + calibration_text(cal))
+        from ..report import calibration_text
+
+        stale = "" if cal.get("current") else "; STALE: made for other factors, rerun `headwater calibrate`"
+        lines.append(f"damping   calibrated {calibration_text(cal)}{stale}")
     roles: dict[str, int] = {}
     for layer in info["layers"]:
         roles[layer.get("role") or "?"] = roles.get(layer.get("role") or "?", 0) + 1
@@ -420,19 +423,3 @@ def format_findings(findings: list[Finding]) -> str:
     lines = [f"{f.status.upper():<8} {f.path}" + (f": {f.detail}" if f.detail else "") for f in findings]
     lines.append(f"{len(findings) - len(bad)} ok, {len(bad)} with problems")
     return "\n".join(lines)
-
-
-def calibration_text(cal: dict) -> str:
-    """One line: the chosen scale, its local-LDS curve (scale: LDS), the cost, and whether it is current."""
-    curve = ", ".join(
-        f"{_g(c.get('scale'))}: {_g(c.get('local_lds'), '.3f')}" for c in cal.get("curve") or [] if isinstance(c, dict)
-    )
-    return (
-        f"calibrated {_g(cal.get('scale'))} x mean eigenvalue (local LDS by scale: {curve or '-'}); "
-        f"cost {_g(cal.get('cost_fits'), '.1f')} fits, {_g(cal.get('seconds'), '.0f')} s"
-        + ("" if cal.get("current") else "; STALE: made for other factors, rerun `headwater calibrate`")
-    )
-
-
-def _g(v: Any, spec: str = "g") -> str:
-    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "?"
