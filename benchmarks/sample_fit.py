@@ -24,6 +24,7 @@ import time
 import torch
 
 import headwater as hw
+from headwater.evaluate import retrieval
 from headwater.synthetic import make_corpus, train_model, train_tokenizer
 
 
@@ -35,15 +36,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     ta, tb = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
     return statistics.fmean(len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb))
-
-
-def recall(values: torch.Tensor, corpus, k: int = 10) -> float:
-    top = values.topk(k, dim=1).indices
-    out = []
-    for q, row in zip(corpus.queries, top):
-        rel = set(corpus.relevant(q["fact"]))
-        out.append(len(rel & set(row.tolist())) / len(rel))
-    return statistics.fmean(out)
 
 
 def main() -> None:
@@ -59,6 +51,11 @@ def main() -> None:
     task = hw.LanguageModelingTask(tokenizer=tok)
     train = [{"text": d} for d in corpus.docs]
     queries = [{"prompt": q["prompt"], "completion": q["completion"]} for q in corpus.queries]
+    relevant = [corpus.relevant(q["fact"]) for q in corpus.queries]
+
+    def recall(values: torch.Tensor) -> float:
+        return retrieval(values, relevant, ks=(10,)).recall[10]
+
     n = len(train)
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# {n} documents, {len(queries)} queries, EK-FAC on the MLP layers, batch {args.batch_size}\n")
@@ -73,7 +70,7 @@ def main() -> None:
     t_full, full = run(None, 0)
     print("| fitted on | fit (s) | Pearson | Spearman | top-10 overlap | recall@10 |")
     print("|---|---|---|---|---|---|")
-    print(f"| all {n} | {t_full:.1f} | 1 | 1 | 1 | {recall(full, corpus):.3f} |", flush=True)
+    print(f"| all {n} | {t_full:.1f} | 1 | 1 | 1 | {recall(full):.3f} |", flush=True)
     for f in (int(x) for x in args.fractions.split(",")):
         m = n // f
         # f = 1: all documents again with other seeds, the Fisher's own pseudo-label noise floor
@@ -81,7 +78,7 @@ def main() -> None:
         pear = [float(torch.corrcoef(torch.stack([full.flatten(), v.flatten()]))[0, 1]) for _, v in rows]
         spear = [spearman(full.flatten(), v.flatten()) for _, v in rows]
         over = [overlap(full, v) for _, v in rows]
-        rec = [recall(v, corpus) for _, v in rows]
+        rec = [recall(v) for _, v in rows]
 
         def cell(xs: list[float], spec: str = ".3f") -> str:
             return f"{statistics.fmean(xs):{spec}}" + (f" ± {statistics.stdev(xs):{spec}}" if len(xs) > 1 else "")
